@@ -1,0 +1,39 @@
+"""iwtrainer: Importance-Weighted LoRA (IW-LoRA) for the Hugging Face Trainer.
+
+L_total = L_task + α · Σ_k (1 − w_k)^β · ‖Δ_k‖_F²,   w_k from gradient sensitivities ‖∂L/∂W_k‖_F
+"""
+
+from .callbacks import SensitivityCallback
+from .importance import (
+    IMPORTANCE_FILE,
+    importance_record,
+    importance_weights,
+    load_importance,
+    penalty_coefficients,
+    save_importance,
+)
+from .penalty import IWPenalty, iw_penalty
+from .sensitivity import compute_sensitivities, preserved_training_state
+from .targets import LoraTarget, find_lora_targets
+from .trainer import IWTrainer
+from .training_args import IWTrainingArguments
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IMPORTANCE_FILE",
+    "IWPenalty",
+    "IWTrainer",
+    "IWTrainingArguments",
+    "LoraTarget",
+    "SensitivityCallback",
+    "compute_sensitivities",
+    "find_lora_targets",
+    "importance_record",
+    "importance_weights",
+    "iw_penalty",
+    "load_importance",
+    "penalty_coefficients",
+    "preserved_training_state",
+    "save_importance",
+]

@@ -1,0 +1,157 @@
+"""Trainer callbacks: IW calibration before optimizer step 0."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .importance import IMPORTANCE_FILE, importance_record, load_importance, save_importance
+from .sensitivity import LossFn, compute_sensitivities, preserved_training_state
+from .targets import find_lora_targets
+from .training_args import check_iw_values
+
+logger = logging.getLogger(__name__)
+
+_DEFAULTS = {"iw_calib_steps": 150, "iw_normalize": "sum", "iw_beta": 1.0, "iw_alpha": 1e-4, "iw_penalty": "delta"}
+
+
+class SensitivityCallback(TrainerCallback):
+    """Measure ``s_k`` on the first training batches before optimizer step 0 and derive ``w_k`` and ``(1−w_k)^β``.
+
+    Works inside [`IWTrainer`] (installed by default) and in any plain ``Trainer(..., callbacks=[...])``
+    pipeline: settings left as ``None`` are read from ``args`` (``IWTrainingArguments``) or take the defaults
+    (150 steps, ``sum``, β=1). The result is in ``self.record`` (the content of ``iw_importance.json``),
+    written to ``output_dir`` and to every checkpoint; a run resumed from a checkpoint reloads it instead of
+    recalibrating.
+
+    Calibration iterates the prepared training dataloader (so under data parallelism every rank measures its
+    own shard and the ranks all-reduce), then restores all RNG states and the sampler position: training sees
+    the same batches in the same order as without calibration.
+    """
+
+    def __init__(
+        self,
+        calib_steps: int | None = None,
+        normalize: str | None = None,
+        beta: float | None = None,
+        adapter_name: str | None = None,
+        loss_fn: LossFn | None = None,
+        show_progress: bool = True,
+    ):
+        self.calib_steps = calib_steps
+        self.normalize = normalize
+        self.beta = beta
+        self.adapter_name = adapter_name
+        self.loss_fn = loss_fn
+        self.show_progress = show_progress
+        self.record: dict[str, Any] | None = None
+        self.resume_dir: str | None = None
+        self.write_checkpoints = True  # IWTrainer writes into the (trial-aware) checkpoint folder itself
+
+    def _setting(self, args: TrainingArguments, name: str, own: Any) -> Any:
+        return own if own is not None else getattr(args, name, _DEFAULTS[name])
+
+    def settings(self, args: TrainingArguments) -> dict[str, Any]:
+        return {
+            "iw_alpha": getattr(args, "iw_alpha", None),
+            "iw_beta": self._setting(args, "iw_beta", self.beta),
+            "iw_calib_steps": self._setting(args, "iw_calib_steps", self.calib_steps),
+            "iw_normalize": self._setting(args, "iw_normalize", self.normalize),
+            "iw_penalty": getattr(args, "iw_penalty", None),
+        }
+
+    @property
+    def coefficients(self) -> dict[str, float]:
+        if self.record is None:
+            raise RuntimeError("SensitivityCallback: no importance yet (calibration runs at on_train_begin)")
+        return {k: v["coefficient"] for k, v in self.record["modules"].items()}
+
+    # -- events -------------------------------------------------------------------------------------------
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        train_dataloader: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        self.record = None
+        if getattr(args, "iw_alpha", None) == 0:
+            return  # plain LoRA: nothing to measure
+        settings = self.settings(args)
+        check_iw_values(
+            beta=settings["iw_beta"], calib_steps=settings["iw_calib_steps"], normalize=settings["iw_normalize"]
+        )
+        if model is None or train_dataloader is None:
+            raise RuntimeError("SensitivityCallback needs the Trainer's model and train_dataloader at on_train_begin")
+        if state.global_step > 0:
+            self._load_for_resume(args, state, model)
+            return
+        autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        with preserved_training_state(train_dataloader):
+            sensitivities = compute_sensitivities(
+                model,
+                train_dataloader,
+                num_steps=settings["iw_calib_steps"],
+                gradient_accumulation_steps=args.gradient_accumulation_steps,
+                loss_fn=self.loss_fn,
+                adapter_name=self.adapter_name,
+                autocast_dtype=autocast,
+                show_progress=self.show_progress and not args.disable_tqdm,
+            )
+        self.record = importance_record(
+            sensitivities,
+            settings["iw_normalize"],
+            settings["iw_beta"],
+            {k: v for k, v in settings.items() if k not in ("iw_normalize", "iw_beta")},
+        )
+        if state.is_world_process_zero:
+            save_importance(self.record, args.output_dir)
+        _log_summary(self.record)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.record is None or not self.write_checkpoints or not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder):
+            save_importance(self.record, folder)
+
+    # -- resume -------------------------------------------------------------------------------------------
+    def _load_for_resume(self, args: TrainingArguments, state: TrainerState, model: torch.nn.Module) -> None:
+        candidates = [self.resume_dir]
+        if isinstance(args.resume_from_checkpoint, str):
+            candidates.append(args.resume_from_checkpoint)
+        candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        for folder in candidates:
+            if folder and os.path.isfile(os.path.join(folder, IMPORTANCE_FILE)):
+                record = load_importance(folder)
+                names = {t.name for t in find_lora_targets(model, self.adapter_name)}
+                if set(record["modules"]) != names:
+                    raise ValueError(
+                        f"{os.path.join(folder, IMPORTANCE_FILE)}: its modules do not match the model's LoRA "
+                        "targets; it was written for another model or target_modules"
+                    )
+                self.record = record
+                logger.info("IW: reusing importance weights from %s (no recalibration)", folder)
+                return
+        raise FileNotFoundError(
+            f"resuming at step {state.global_step} but no {IMPORTANCE_FILE} was found in "
+            f"{[c for c in candidates if c]}; the importance weights must come from the original calibration"
+        )
+
+
+def _log_summary(record: Mapping[str, Any]) -> None:
+    coefs = [m["coefficient"] for m in record["modules"].values()]
+    logger.info(
+        "IW calibration: %d matrices, coefficient (1-w)^beta min %.4f / max %.4f",
+        len(coefs),
+        min(coefs),
+        max(coefs),
+    )

@@ -1,0 +1,97 @@
+"""The IW penalty ``Σ_k c_k ‖Δ_k‖_F²`` with ``c_k = (1 − w_k)^β`` and ``Δ_k = s_k · B_k A_k``.
+
+``delta`` (default) is exact and cheap through the r×r Gram matrices, never materialising ``B A``:
+
+    ‖B A‖_F² = tr(Aᵀ Bᵀ B A) = Σ_ij (BᵀB)_ij (A Aᵀ)_ij
+
+``factors`` is the source documents' surrogate ``Σ_k c_k (‖A_k‖_F² + ‖B_k‖_F²)`` (no scaling).
+
+Speed: matrices of equal shape are stacked and handled by one batched matmul per group, so the cost is a
+handful of kernels however many targets there are (a python loop over 72 modules costs +20–36 % step time).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .importance import penalty_coefficients
+from .targets import LoraTarget, find_lora_targets
+
+PENALTY_FORMS = ("delta", "factors")
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class IWPenalty:
+    """Callable ``() -> Σ_k c_k ‖Δ_k‖_F²`` over a fixed set of LoRA targets, grouped by shape for speed.
+
+    Args:
+        targets: the LoRA targets (``find_lora_targets(model)``).
+        coefficients: ``c_k`` by target name; every target must have one.
+        form: ``"delta"`` (exact ‖Δ‖²) or ``"factors"`` (‖A‖² + ‖B‖²).
+    """
+
+    def __init__(self, targets: list[LoraTarget], coefficients: Mapping[str, float], form: str = "delta"):
+        if form not in PENALTY_FORMS:
+            raise ValueError(f"iw_penalty must be one of {PENALTY_FORMS}, got {form!r}")
+        missing = [t.name for t in targets if t.name not in coefficients]
+        if missing:
+            raise ValueError(
+                f"no importance coefficient for {len(missing)} LoRA target(s), e.g. '{missing[0]}'; the importance "
+                "file was computed for a different model or target_modules"
+            )
+        self.form = form
+        self.names = [t.name for t in targets]
+        groups: dict[tuple, list[LoraTarget]] = {}
+        for t in targets:
+            key = (tuple(t.lora_A.shape), tuple(t.lora_B.shape), t.lora_A.dtype, t.lora_A.device)
+            groups.setdefault(key, []).append(t)
+        self._groups: list[tuple[list[nn.Parameter], list[nn.Parameter], torch.Tensor]] = []
+        for (_, _, _, device), members in groups.items():
+            # delta: fold s_k² into the coefficient; factors: the source penalises the raw factors.
+            weight = [coefficients[t.name] * (t.scaling**2 if form == "delta" else 1.0) for t in members]
+            self._groups.append(
+                (
+                    [t.lora_A for t in members],
+                    [t.lora_B for t in members],
+                    torch.tensor(weight, dtype=torch.float32, device=device),
+                )
+            )
+
+    def __call__(self) -> torch.Tensor:
+        total = None
+        # Penalty math in fp32 even under autocast: the matrices are tiny and the value is a sum of squares.
+        device_type = self._groups[0][2].device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            for a_list, b_list, weight in self._groups:
+                if self.form == "delta":
+                    a = _at_least_fp32(torch.stack(a_list))  # (n, r, d_in)
+                    b = _at_least_fp32(torch.stack(b_list))  # (n, d_out, r)
+                    term = torch.einsum("nij,nij,n->", a @ a.mT, b.mT @ b, weight.to(a.dtype))
+                else:
+                    sq = _at_least_fp32(torch.stack(torch._foreach_norm(a_list + b_list))).square()
+                    n = len(a_list)
+                    term = torch.dot(sq[:n] + sq[n:], weight.to(sq.dtype))
+                total = term if total is None else total + term
+        return total
+
+
+def iw_penalty(
+    model: nn.Module,
+    weights: Mapping[str, float],
+    beta: float = 1.0,
+    form: str = "delta",
+    adapter_name: str | None = None,
+) -> torch.Tensor:
+    """``Σ_k (1 − w_k)^β ‖Δ_k‖_F²`` for ``model``'s LoRA targets given importance weights ``w_k`` (no α).
+
+    Convenience for custom training loops; build an :class:`IWPenalty` once and call it every step instead
+    when speed matters.
+    """
+    targets = find_lora_targets(model, adapter_name)
+    return IWPenalty(targets, penalty_coefficients(weights, beta), form)()

@@ -1,0 +1,275 @@
+"""Calibration: per-matrix sensitivity ``s_k = mean_b ‖∂L_task/∂W_k‖_F`` of the *frozen base weights*.
+
+peft initialises ``B = 0``, so the LoRA factors' own gradients are zero at step 0 (``∂L/∂A = s·Bᵀ·∂L/∂ΔW``);
+the base-weight gradient is what carries information. It is computed exactly without turning on
+``requires_grad`` for any base weight: a forward hook on each LoRA layer keeps the layer's input ``X_c`` and
+output ``Y_c`` of every call ``c`` (a module may run more than once per forward pass, e.g. DeBERTa-v2/v3's
+``query_proj``/``key_proj`` with ``share_att_key``), then ``torch.autograd.grad`` returns ``G_c = ∂L/∂Y_c``
+and ``∂L/∂W = Σ_c G_cᵀ X_c`` (transposed for Conv1D, which has the same norm). No parameter ``.grad`` is
+touched and no optimizer is involved.
+
+A "batch" ``b`` is one optimizer step's worth of data: the ``gradient_accumulation_steps`` micro-batches of
+every process. Micro-batch gradients are weighted by their number of examples and, under
+``torch.distributed``, summed across ranks before the norm, so ``s_k`` is the norm of the full-batch gradient
+and is identical on every rank, for any split of the same global batch across devices and accumulation steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from .targets import LoraTarget, find_lora_targets, unwrap_model
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
+
+
+def default_loss_fn(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """The model's own task loss (``outputs.loss``), as the HF Trainer uses it."""
+    outputs = model(**batch)
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs[0]
+    if loss is None:
+        raise ValueError(
+            "calibration: the model returned no loss; the training batches must contain labels "
+            f"(batch keys: {sorted(batch)})"
+        )
+    return loss
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int:
+    if torch.is_tensor(batch.get("labels")):
+        return int(batch["labels"].shape[0])
+    for value in batch.values():
+        if torch.is_tensor(value) and value.dim() > 0:
+            return int(value.shape[0])
+    return 1
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _to_device(v, device) for k, v in batch.items()})
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _base_shape(target: LoraTarget) -> tuple[int, int]:
+    """(d_out, d_in) of the base weight, whatever its storage layout."""
+    base = target.module.get_base_layer()
+    w = base.weight
+    return (w.shape[1], w.shape[0]) if not isinstance(base, nn.Linear) else (w.shape[0], w.shape[1])
+
+
+class _CallRecorder:
+    """Forward hooks that keep ``(target index, input, output)`` of every LoRA-layer call while grad is on."""
+
+    def __init__(self, targets: list[LoraTarget]):
+        self.calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._handles = [t.module.register_forward_hook(self._hook(i)) for i, t in enumerate(targets)]
+
+    def _hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if torch.is_grad_enabled():
+                self.calls.append((index, args[0], output))
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self.calls.clear()
+
+
+def _samplers(dataloader: Any) -> list[Any]:
+    """The dataloader's sampler chain (accelerate wraps samplers several levels deep)."""
+    found, todo = [], [dataloader]
+    while todo:
+        obj = todo.pop()
+        if obj is None or any(obj is f for f in found):
+            continue
+        found.append(obj)
+        for attr in ("base_dataloader", "sampler", "batch_sampler"):
+            todo.append(getattr(obj, attr, None))
+    return found
+
+
+@contextlib.contextmanager
+def preserved_training_state(dataloader: Any = None) -> Iterator[None]:
+    """Restore every RNG and the dataloader's sampler position on exit, so calibration leaves no trace.
+
+    Covers Python/NumPy/torch (CPU and CUDA) RNGs, sampler ``generator`` states, and accelerate's epoch
+    counters (``iteration`` / ``epoch``): the training loop then draws exactly the batches it would have drawn.
+    """
+    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    saved: list[tuple[Any, str, Any]] = []
+    for obj in _samplers(dataloader):
+        gen = getattr(obj, "generator", None)
+        if isinstance(gen, torch.Generator):
+            saved.append((gen, "__state__", gen.get_state()))
+        for attr in ("iteration", "epoch"):
+            if isinstance(getattr(obj, attr, None), int):
+                saved.append((obj, attr, getattr(obj, attr)))
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        for obj, attr, value in saved:
+            if attr == "__state__":
+                obj.set_state(value)
+            else:
+                setattr(obj, attr, value)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def _accumulate(accs: list[torch.Tensor], calls: list, grads: tuple) -> None:
+    for (index, x, _), g in zip(calls, grads):
+        if g is None:  # this call did not reach the loss
+            continue
+        g2 = g.reshape(-1, g.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        dtype = torch.promote_types(g2.dtype, x2.dtype)
+        if dtype == accs[index].dtype:
+            accs[index].addmm_(g2.t(), x2)
+        else:  # bf16/fp16: tensor-core matmul, fp32 accumulation across calls and micro-batches
+            accs[index].add_(torch.mm(g2.t().to(dtype), x2.to(dtype)))
+
+
+def compute_sensitivities(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    num_steps: int = 150,
+    gradient_accumulation_steps: int = 1,
+    loss_fn: LossFn | None = None,
+    adapter_name: str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    loss_scale: float | None = None,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """Average full-batch gradient norm ``s_k = mean_b ‖∂L/∂W_k‖_F`` of every LoRA target's base weight.
+
+    Args:
+        model: a peft LoRA model (DDP/compile wrappers are unwrapped).
+        batches: an iterable of training micro-batches (dicts of tensors; moved to the model's device).
+        num_steps: number of (optimizer-step) batches ``b`` to average over.
+        gradient_accumulation_steps: micro-batches that make one batch on each process.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean task loss; default: the model's ``outputs.loss``.
+        adapter_name: the LoRA adapter whose layers are measured (default: the active one).
+        autocast_dtype: run forward under ``torch.autocast`` with this dtype (as training does).
+        loss_scale: constant multiplier on the loss before differentiation (defaults to 2**12 under fp16 so
+            small gradients do not underflow; divided out again, so ``s_k`` does not depend on it).
+        show_progress: show a tqdm bar (only on the main process).
+
+    The model is put in eval mode (dropout off, so ``s_k`` is a deterministic function of the data) and
+    restored afterwards; weights, ``.grad`` buffers and optimizer are untouched.
+    """
+    if num_steps < 1:
+        raise ValueError(f"iw_calib_steps must be >= 1, got {num_steps}")
+    if gradient_accumulation_steps < 1:
+        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+    loss_fn = loss_fn or default_loss_fn
+    inner = unwrap_model(model)
+    targets = find_lora_targets(inner, adapter_name)
+    device = next(inner.parameters()).device
+    if loss_scale is None:
+        loss_scale = 2.0**12 if autocast_dtype == torch.float16 else 1.0
+
+    # One flat fp32 buffer, viewed per target: one zero_() and one all_reduce per batch.
+    shapes = [_base_shape(t) for t in targets]
+    flat = torch.zeros(sum(o * i for o, i in shapes), device=device, dtype=torch.float32)
+    accs, offset = [], 0
+    for o, i in shapes:
+        accs.append(flat[offset : offset + o * i].view(o, i))
+        offset += o * i
+    totals = torch.zeros(len(targets), device=device, dtype=torch.float64)
+    examples = torch.zeros((), device=device, dtype=torch.float64)
+
+    was_training = inner.training
+    recorder = _CallRecorder(targets)
+    is_main = not _distributed() or dist.get_rank() == 0
+    bar = tqdm(total=num_steps, desc="IW calibration", disable=not (show_progress and is_main), leave=False)
+    amp = (
+        torch.autocast(device_type=device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    measured = 0
+    iterator = iter(batches)
+    try:
+        inner.eval()
+        for _ in range(num_steps):
+            flat.zero_()
+            examples.zero_()
+            got = 0
+            for batch in iterator:
+                batch = _to_device(batch, device)
+                n = _batch_size(batch)
+                with amp:
+                    loss = loss_fn(inner, batch)
+                calls, recorder.calls = recorder.calls, []
+                if not calls:
+                    raise ValueError("calibration: no LoRA layer ran in the forward pass; check target_modules")
+                frozen = [targets[i].name for i, _, y in calls if not y.requires_grad]
+                if frozen:
+                    raise ValueError(
+                        f"calibration: the output of LoRA layer '{frozen[0]}' does not require grad; "
+                        "the LoRA parameters must be trainable (requires_grad=True)"
+                    )
+                grads = torch.autograd.grad(
+                    loss.float() * (n * loss_scale), [y for _, _, y in calls], allow_unused=True
+                )
+                _accumulate(accs, calls, grads)
+                del calls, grads, loss
+                examples += n
+                got += 1
+                if got == gradient_accumulation_steps:
+                    break
+            if got < gradient_accumulation_steps:
+                break  # data exhausted: only complete batches count
+            if _distributed():
+                dist.all_reduce(flat)
+                dist.all_reduce(examples)
+            norms = torch.stack(torch._foreach_norm(accs)).double()
+            totals += norms / (examples * loss_scale)
+            measured += 1
+            bar.update(1)
+    finally:
+        recorder.remove()
+        bar.close()
+        inner.train(was_training)
+        if hasattr(iterator, "close"):
+            iterator.close()
+        end = getattr(batches, "end", None)
+        if callable(end) and getattr(batches, "gradient_state", None) is not None:
+            end()  # accelerate's DataLoaderShard registers itself on iter(); unregister like a full pass would
+
+    if measured == 0:
+        raise ValueError(
+            "calibration: the training data has fewer micro-batches than one optimizer step "
+            f"(gradient_accumulation_steps={gradient_accumulation_steps})"
+        )
+    if measured < num_steps:
+        logger.warning("iw_calib_steps=%d but the training data gave only %d batches", num_steps, measured)
+    values = (totals / measured).tolist()  # the only host sync
+    return {t.name: v for t, v in zip(targets, values)}

@@ -1,0 +1,161 @@
+"""``IWTrainer``: the HF ``Trainer`` with the IW-LoRA penalty in ``compute_loss``.
+
+L_total = L_task + α · Σ_k (1 − w_k)^β · ‖Δ_k‖_F²
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .callbacks import SensitivityCallback
+from .importance import save_importance
+from .penalty import IWPenalty
+from .targets import find_lora_targets, unwrap_model
+from .training_args import IWTrainingArguments, validate_iw_settings
+
+
+def model_uses_num_items(model: nn.Module) -> bool:
+    """Whether the model's forward normalises its loss by ``num_items_in_batch`` (through ``self.loss_function``)."""
+    inner = unwrap_model(model)
+    inner = getattr(getattr(inner, "base_model", None), "model", inner)  # peft wrapper -> transformers model
+    if hasattr(inner, "accepts_loss_kwargs"):
+        return bool(inner.accepts_loss_kwargs)
+    try:
+        source = inspect.getsource(type(inner).forward)
+    except (OSError, TypeError):
+        return True  # cannot tell: keep the Trainer's own decision
+    return "loss_function" in source or "num_items_in_batch" in source
+
+
+class IWTrainer(Trainer):
+    """A ``Trainer`` for peft LoRA models that adds the importance-weighted penalty to the task loss.
+
+    It installs a [`SensitivityCallback`] (or uses one passed in ``callbacks``) that measures the per-matrix
+    sensitivities before optimizer step 0. ``args`` must be [`IWTrainingArguments`]; with ``iw_alpha=0`` it
+    behaves exactly like ``Trainer``. Logs ``loss_task`` and ``iw_penalty`` (the α-scaled term) beside ``loss``.
+
+    Gradient accumulation: for models whose loss ignores ``num_items_in_batch`` (sequence classifiers), the
+    Trainer is told to divide the loss by the accumulation steps, so 16 × 2 gives the same update as 32 × 1.
+
+    The penalty's contribution to each optimizer step is ``α·∇P`` whatever the gradient accumulation and the
+    number of processes: it is divided by the accumulation steps exactly when the Trainer will *not* divide the
+    returned loss itself, and it is never multiplied by the process count (DDP averages identical gradients).
+    """
+
+    def __init__(self, model: nn.Module | None = None, args: IWTrainingArguments | None = None, **kwargs: Any):
+        if args is not None and not isinstance(args, IWTrainingArguments):
+            raise TypeError(f"IWTrainer needs args=IWTrainingArguments(...), got {type(args).__name__}")
+        super().__init__(model=model, args=args, **kwargs)
+        if not isinstance(self.args, IWTrainingArguments):  # Trainer made default TrainingArguments
+            raise TypeError("IWTrainer needs args=IWTrainingArguments(...)")
+        if self.model_accepts_loss_kwargs and model is not None and not model_uses_num_items(model):
+            # The Trainer skips its 1/accumulation division for any forward with **kwargs, but e.g.
+            # *ForSequenceClassification heads ignore num_items_in_batch and return a per-micro-batch mean: the
+            # gradient would then grow with gradient_accumulation_steps. Let the Trainer divide instead.
+            self.model_accepts_loss_kwargs = False
+        found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, SensitivityCallback)]
+        self.iw_callback: SensitivityCallback = found[0] if found else SensitivityCallback()
+        if not found:
+            self.add_callback(self.iw_callback)
+        self.iw_callback.write_checkpoints = False
+        self._iw_penalty: IWPenalty | None = None
+        self._iw_penalty_record: dict | None = None
+        self._iw_logs: dict[str, torch.Tensor] = {}
+        self._iw_last_logged_step = 0
+        if model is not None and self.args.iw_alpha > 0:
+            self._check_supported()
+            find_lora_targets(model, self.iw_callback.adapter_name)  # fail at construction, not after calibration
+
+    # -- checks -------------------------------------------------------------------------------------------
+    def _check_supported(self) -> None:
+        if self.is_fsdp_enabled:
+            raise ValueError(
+                "iw_alpha > 0 is not supported with FSDP: the penalty needs every LoRA factor unsharded in "
+                "compute_loss and calibration reads full layer activations. Use DDP (accelerate launch without "
+                "--use_fsdp): LoRA's trainable parameters are small, so data parallelism is the right tool."
+            )
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise ValueError("iw_alpha > 0 is not supported with DeepSpeed ZeRO-3 (sharded parameters); use ZeRO-1/2")
+
+    @property
+    def iw_active(self) -> bool:
+        return self.args.iw_alpha > 0
+
+    def _penalty(self, model: nn.Module) -> IWPenalty:
+        record = self.iw_callback.record
+        if record is None:
+            raise RuntimeError(
+                "IWTrainer: no importance weights; calibration did not run (was the SensitivityCallback removed?)"
+            )
+        if self._iw_penalty is None or self._iw_penalty_record is not record:
+            targets = find_lora_targets(unwrap_model(model), self.iw_callback.adapter_name)
+            self._iw_penalty = IWPenalty(targets, self.iw_callback.coefficients, self.args.iw_penalty)
+            self._iw_penalty_record = record
+        return self._iw_penalty
+
+    def _trainer_divides_by_ga(self, num_items_in_batch: Any) -> bool:
+        """Mirror of ``Trainer.training_step``'s rule for dividing the returned loss by the accumulation steps."""
+        return (not self.model_accepts_loss_kwargs or num_items_in_batch is None) and self.compute_loss_func is None
+
+    # -- training -----------------------------------------------------------------------------------------
+    def train(self, *args: Any, **kwargs: Any):
+        validate_iw_settings(self.args)  # hyperparameter_search may have set trial values
+        if self.iw_active:
+            self._check_supported()
+        self._iw_logs = {}
+        self._iw_last_logged_step = 0
+        return super().train(*args, **kwargs)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if not (self.iw_active and model.training and torch.is_grad_enabled()):
+            return (loss, outputs) if return_outputs else loss
+        ga = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        divides = self._trainer_divides_by_ga(num_items_in_batch)
+        penalty = self.args.iw_alpha * self._penalty(model)()
+        # Per optimizer step the penalty must contribute α·P once: each of the `ga` micro-batches carries α·P/ga.
+        total = loss + (penalty if divides else penalty / ga)
+        self._iw_track("loss_task", loss.detach().mean() / (ga if divides else 1))
+        self._iw_track("iw_penalty", penalty.detach() / ga)
+        return (total, outputs) if return_outputs else total
+
+    def _iw_track(self, key: str, value: torch.Tensor) -> None:
+        acc = self._iw_logs.get(key)
+        self._iw_logs[key] = value.float() if acc is None else acc + value.float()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._iw_logs:
+            steps = max(1, self.state.global_step - self._iw_last_logged_step)
+            for key, acc in self._iw_logs.items():
+                if self.args.world_size > 1:
+                    acc = self.accelerator.reduce(acc, reduction="mean")
+                logs[key] = acc.item() / steps
+            self._iw_logs = {}
+            self._iw_last_logged_step = self.state.global_step
+        super().log(logs, start_time)
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.iw_callback.record is not None and self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            save_importance(self.iw_callback.record, folder)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.iw_callback.resume_dir = resume_from_checkpoint

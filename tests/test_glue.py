@@ -1,0 +1,480 @@
+"""Tests for the offline GLUE data loader and the packaged GLUE metric (iwtrainer.glue, iwtrainer/metrics/glue)."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import socket
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import f1_score, matthews_corrcoef
+
+import iwtrainer
+from iwtrainer.glue import (
+    GLUE_METRIC_CONFIGS,
+    GLUE_METRIC_PATH,
+    GLUE_TASKS,
+    TASK_TO_KEYS,
+    GlueDataError,
+    compute_glue_metrics,
+    get_glue_task,
+    load_glue_from_dir,
+    load_glue_metric,
+)
+
+GLUE_DIR = Path(
+    os.environ.get("IWTRAINER_GLUE_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+)
+needs_glue = pytest.mark.skipif(
+    not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR} (set IWTRAINER_GLUE_DIR)"
+)
+
+# Data-row counts from shared/data/glue/SOURCES.md (headers excluded); QNLI has no train.tsv locally.
+EXPECTED_ROWS = {
+    "cola": {"train": 8551, "validation": 1043, "test": 1063},
+    "sst2": {"train": 67349, "validation": 872, "test": 1821},
+    "mrpc": {"train": 3668, "validation": 408, "test": 1725},
+    "rte": {"train": 2490, "validation": 277, "test": 3000},
+    "stsb": {"train": 5749, "validation": 1500, "test": 1379},
+    "qnli": {"validation": 5463, "test": 5463},
+    "wnli": {"train": 635, "validation": 71, "test": 146},
+}
+
+
+@pytest.fixture(scope="module")
+def real() -> dict[str, datasets.DatasetDict]:
+    """Every locally available task, loaded once for the module."""
+    if not GLUE_DIR.is_dir():
+        pytest.skip(f"real GLUE data not found at {GLUE_DIR} (set IWTRAINER_GLUE_DIR)")
+    return {task: load_glue_from_dir(str(GLUE_DIR), task) for task in EXPECTED_ROWS}
+
+
+def write_tsv(path: Path, header: list[str] | None, rows: list[list[str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = (["\t".join(header)] if header is not None else []) + ["\t".join(row) for row in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def assert_one_line(exc: pytest.ExceptionInfo[GlueDataError], *fragments: str) -> str:
+    message = str(exc.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+# --------------------------------------------------------------------------------------------------- task table
+
+
+def test_task_table_mirrors_run_glue() -> None:
+    assert TASK_TO_KEYS == {
+        "cola": ("sentence", None),
+        "mnli": ("premise", "hypothesis"),
+        "mrpc": ("sentence1", "sentence2"),
+        "qnli": ("question", "sentence"),
+        "qqp": ("question1", "question2"),
+        "rte": ("sentence1", "sentence2"),
+        "sst2": ("sentence", None),
+        "stsb": ("sentence1", "sentence2"),
+        "wnli": ("sentence1", "sentence2"),
+    }
+    labels = {name: task.label_names for name, task in GLUE_TASKS.items()}
+    assert labels == {
+        "cola": ("unacceptable", "acceptable"),
+        "mnli": ("entailment", "neutral", "contradiction"),
+        "mrpc": ("not_equivalent", "equivalent"),
+        "qnli": ("entailment", "not_entailment"),
+        "qqp": ("not_duplicate", "duplicate"),
+        "rte": ("entailment", "not_entailment"),
+        "sst2": ("negative", "positive"),
+        "stsb": (),
+        "wnli": ("not_entailment", "entailment"),
+    }
+    folders = {name: task.folder for name, task in GLUE_TASKS.items()}
+    assert folders == {
+        "cola": "CoLA",
+        "mnli": "MNLI",
+        "mrpc": "MRPC",
+        "qnli": "QNLI",
+        "qqp": "QQP",
+        "rte": "RTE",
+        "sst2": "SST-2",
+        "stsb": "STS-B",
+        "wnli": "WNLI",
+    }
+    assert [name for name, task in GLUE_TASKS.items() if task.is_regression] == ["stsb"]
+    assert GLUE_TASKS["stsb"].num_labels == 1 and GLUE_TASKS["mnli"].num_labels == 3
+
+
+def test_get_glue_task_accepts_folder_names_and_case() -> None:
+    assert get_glue_task("RTE") is GLUE_TASKS["rte"]
+    assert get_glue_task("SST-2") is GLUE_TASKS["sst2"]
+    assert get_glue_task("sts-b") is GLUE_TASKS["stsb"]
+
+
+# ------------------------------------------------------------------------------------------------ real data
+
+
+@needs_glue
+@pytest.mark.parametrize("task", sorted(EXPECTED_ROWS))
+def test_real_split_sizes_columns_and_features(real: dict[str, datasets.DatasetDict], task: str) -> None:
+    dsd = real[task]
+    spec = GLUE_TASKS[task]
+    assert {split: ds.num_rows for split, ds in dsd.items()} == EXPECTED_ROWS[task]
+    for split, ds in dsd.items():
+        assert ds.column_names == [*spec.text_keys, "label", "idx"]
+        assert ds["idx"] == list(range(ds.num_rows))
+        if spec.is_regression:
+            assert ds.features["label"] == datasets.Value("float32")
+        else:
+            assert ds.features["label"].names == list(spec.label_names)
+        labels = np.asarray(ds["label"])
+        if split == "test":
+            assert (labels == -1).all()
+        elif spec.is_regression:
+            assert labels.min() >= 0.0 and labels.max() <= 5.0
+        else:
+            assert set(np.unique(labels)) <= set(range(spec.num_labels))
+
+
+@needs_glue
+def test_real_label_balance(real: dict[str, datasets.DatasetDict]) -> None:
+    assert Counter(real["rte"]["validation"]["label"]) == {0: 146, 1: 131}  # 0 = entailment
+    assert Counter(real["rte"]["train"]["label"]) == {0: 1249, 1: 1241}
+    assert Counter(real["qnli"]["validation"]["label"]) == {0: 2702, 1: 2761}
+    assert Counter(real["cola"]["train"]["label"]) == {1: 6023, 0: 2528}  # 1 = acceptable
+    assert Counter(real["cola"]["validation"]["label"]) == {1: 721, 0: 322}
+    assert Counter(real["sst2"]["train"]["label"]) == {1: 37569, 0: 29780}
+    assert Counter(real["sst2"]["validation"]["label"]) == {1: 444, 0: 428}
+    assert Counter(real["mrpc"]["train"]["label"]) == {1: 2474, 0: 1194}  # 1 = equivalent
+    assert Counter(real["mrpc"]["validation"]["label"]) == {1: 279, 0: 129}
+    assert Counter(real["wnli"]["validation"]["label"]) == {0: 40, 1: 31}
+    assert np.mean(real["stsb"]["validation"]["label"]) == pytest.approx(2.364, abs=5e-4)
+    assert np.mean(real["stsb"]["train"]["label"]) == pytest.approx(2.701, abs=5e-4)
+
+
+@needs_glue
+def test_real_row_contents(real: dict[str, datasets.DatasetDict]) -> None:
+    rte = real["rte"]["validation"][0]
+    assert rte["sentence2"] == "Christopher Reeve had an accident." and rte["label"] == 1
+    mrpc = real["mrpc"]["validation"][0]
+    # unbalanced quote kept verbatim (QUOTE_NONE)
+    assert mrpc["sentence2"].startswith('" The foodservice pie business') and mrpc["label"] == 1
+    cola = real["cola"]["train"][0]
+    assert cola["sentence"] == "Our friends won't buy this analysis, let alone the next one we propose."
+    assert cola["label"] == 1
+    assert real["cola"]["test"][0]["sentence"] == "Bill whistled past the house."
+    sst = real["sst2"]["train"][0]
+    assert sst == {"sentence": "hide new secretions from the parental units ", "label": 0, "idx": 0}
+    stsb = real["stsb"]["validation"][0]
+    assert stsb["sentence1"] == "A man with a hard hat is dancing." and stsb["label"] == pytest.approx(5.0)
+    qnli = real["qnli"]["validation"][0]
+    assert qnli["question"] == "What came into force after the new constitution was herald?" and qnli["label"] == 0
+
+
+# ---------------------------------------------------------------------------------------- synthetic MNLI/QQP
+
+MNLI_TRAIN_HEADER = [
+    "index",
+    "promptID",
+    "pairID",
+    "genre",
+    "sentence1_binary_parse",
+    "sentence2_binary_parse",
+    "sentence1_parse",
+    "sentence2_parse",
+    "sentence1",
+    "sentence2",
+    "label1",
+    "gold_label",
+]
+MNLI_DEV_HEADER = MNLI_TRAIN_HEADER[:-1] + ["label2", "label3", "label4", "label5", "gold_label"]
+MNLI_TEST_HEADER = MNLI_TRAIN_HEADER[:-2]
+
+
+def mnli_row(i: int, premise: str, hypothesis: str, labels: list[str]) -> list[str]:
+    return [str(i), str(100 + i), f"{100 + i}e", "fiction", "( a )", "( b )", "(ROOT a)", "(ROOT b)"] + [
+        premise,
+        hypothesis,
+        *labels,
+    ]
+
+
+def test_mnli_from_standard_layout(tmp_path: Path) -> None:
+    folder = tmp_path / "MNLI"
+    write_tsv(
+        folder / "train.tsv",
+        MNLI_TRAIN_HEADER,
+        [
+            mnli_row(0, 'He said "hi.', "He spoke.", ["entailment", "entailment"]),
+            mnli_row(1, "A cat sleeps.", "A dog barks.", ["neutral", "neutral"]),
+            mnli_row(2, "It is day.", "It is night.", ["contradiction", "contradiction"]),
+        ],
+    )
+    write_tsv(
+        folder / "dev_matched.tsv",
+        MNLI_DEV_HEADER,
+        [mnli_row(0, "P0", "H0", ["neutral"] * 5 + ["neutral"]), mnli_row(1, "P1", "H1", ["contradiction"] * 6)],
+    )
+    write_tsv(folder / "dev_mismatched.tsv", MNLI_DEV_HEADER, [mnli_row(0, "P", "H", ["entailment"] * 6)])
+    write_tsv(folder / "test_matched.tsv", MNLI_TEST_HEADER, [mnli_row(0, "TP", "TH", [])])
+    write_tsv(
+        folder / "test_mismatched.tsv", MNLI_TEST_HEADER, [mnli_row(0, "TP", "TH", []), mnli_row(1, "a", "b", [])]
+    )
+
+    dsd = load_glue_from_dir(str(tmp_path), "mnli")
+    assert sorted(dsd) == ["test_matched", "test_mismatched", "train", "validation_matched", "validation_mismatched"]
+    train = dsd["train"]
+    assert train.column_names == ["premise", "hypothesis", "label", "idx"]
+    assert train.features["label"].names == ["entailment", "neutral", "contradiction"]
+    assert train["label"] == [0, 1, 2]
+    assert train["premise"][0] == 'He said "hi.'
+    assert dsd["validation_matched"]["label"] == [1, 2]
+    assert dsd["validation_mismatched"]["label"] == [0]
+    assert dsd["test_mismatched"]["label"] == [-1, -1] and dsd["test_mismatched"]["idx"] == [0, 1]
+
+
+def test_mnli_dev_only(tmp_path: Path) -> None:
+    write_tsv(tmp_path / "MNLI" / "dev_mismatched.tsv", MNLI_DEV_HEADER, [mnli_row(0, "P", "H", ["neutral"] * 6)])
+    assert list(load_glue_from_dir(tmp_path, "mnli")) == ["validation_mismatched"]
+
+
+def test_qqp_from_standard_layout(tmp_path: Path) -> None:
+    header = ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]
+    write_tsv(
+        tmp_path / "QQP" / "train.tsv",
+        header,
+        [["0", "1", "2", "How?", "Why?", "0"], ["1", "3", "4", 'What is "x?', "What is x?", "1"]],
+    )
+    write_tsv(tmp_path / "QQP" / "dev.tsv", header, [["5", "6", "7", "A?", "", "1"]])
+    write_tsv(tmp_path / "QQP" / "test.tsv", ["id", "question1", "question2"], [["0", "Q1?", "Q2?"]])
+    dsd = load_glue_from_dir(str(tmp_path), "qqp")
+    assert sorted(dsd) == ["test", "train", "validation"]
+    assert dsd["train"].column_names == ["question1", "question2", "label", "idx"]
+    assert dsd["train"].features["label"].names == ["not_duplicate", "duplicate"]
+    assert dsd["train"]["label"] == [0, 1] and dsd["train"]["question1"][1] == 'What is "x?'
+    assert dsd["validation"][0] == {"question1": "A?", "question2": "", "label": 1, "idx": 0}
+    assert dsd["test"][0]["label"] == -1
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def test_error_unknown_task(tmp_path: Path) -> None:
+    assert issubclass(GlueDataError, ValueError)
+    with pytest.raises(GlueDataError) as exc:
+        load_glue_from_dir(str(tmp_path), "squad")
+    assert_one_line(exc, "--task_name", "'squad'", "rte", "sst2", "mnli")
+
+
+def test_error_missing_glue_dir(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(GlueDataError) as exc:
+        load_glue_from_dir(str(missing), "rte")
+    assert_one_line(exc, "--glue_dir", str(missing), "RTE")
+    with pytest.raises(GlueDataError) as exc:
+        load_glue_from_dir("", "rte")
+    assert_one_line(exc, "--glue_dir")
+
+
+def test_error_missing_task_folder(tmp_path: Path) -> None:
+    (tmp_path / "CoLA").mkdir()
+    with pytest.raises(GlueDataError) as exc:
+        load_glue_from_dir(str(tmp_path), "rte")
+    assert_one_line(exc, "--glue_dir", str(tmp_path / "RTE"), "train.tsv", "dev.tsv")
+
+
+def test_error_no_labelled_file(tmp_path: Path) -> None:
+    write_tsv(tmp_path / "RTE" / "test.tsv", ["index", "sentence1", "sentence2"], [["0", "a", "b"]])
+    with pytest.raises(GlueDataError) as exc:
+        load_glue_from_dir(str(tmp_path), "rte")
+    assert_one_line(exc, str(tmp_path / "RTE"), "train.tsv", "dev.tsv", "test.tsv")
+    (tmp_path / "MNLI").mkdir()
+    with pytest.raises(GlueDataError) as exc:
+        load_glue_from_dir(str(tmp_path), "mnli")
+    assert_one_line(exc, "dev_matched.tsv", "dev_mismatched.tsv")
+
+
+def test_error_missing_column(tmp_path: Path) -> None:
+    path = write_tsv(
+        tmp_path / "RTE" / "dev.tsv", ["index", "sentence1", "hypothesis", "label"], [["0", "a", "b", "entailment"]]
+    )
+    with pytest.raises(GlueDataError) as exc:
+        load_glue_from_dir(str(tmp_path), "rte")
+    assert_one_line(exc, str(path), "'sentence2'", "'hypothesis'", "'label'")
+    path = write_tsv(tmp_path / "MRPC" / "train.tsv", ["label", "#1 String", "#2 String"], [["1", "a", "b"]])
+    with pytest.raises(GlueDataError) as exc:
+        load_glue_from_dir(str(tmp_path), "mrpc")
+    assert_one_line(exc, str(path), "'Quality'")
+
+
+def test_error_missing_column_in_test_file(tmp_path: Path) -> None:
+    write_tsv(tmp_path / "SST-2" / "dev.tsv", ["sentence", "label"], [["good", "1"]])
+    path = write_tsv(tmp_path / "SST-2" / "test.tsv", ["index", "text"], [["0", "meh"]])
+    with pytest.raises(GlueDataError) as exc:
+        load_glue_from_dir(str(tmp_path), "sst2")
+    assert_one_line(exc, str(path), "'sentence'", "'text'")
+
+
+def test_error_bad_label(tmp_path: Path) -> None:
+    path = write_tsv(
+        tmp_path / "RTE" / "train.tsv",
+        ["index", "sentence1", "sentence2", "label"],
+        [["0", "a", "b", "entailment"], ["1", "c", "d", "maybe"]],
+    )
+    with pytest.raises(GlueDataError) as exc:
+        load_glue_from_dir(str(tmp_path), "rte")
+    assert_one_line(exc, str(path), "row 2", "'maybe'", "'entailment'", "'not_entailment'")
+    path = write_tsv(tmp_path / "SST-2" / "dev.tsv", ["sentence", "label"], [["good", "1"], ["bad", "2"]])
+    with pytest.raises(GlueDataError) as exc:
+        load_glue_from_dir(str(tmp_path), "sst2")
+    assert_one_line(exc, str(path), "row 2", "'2'", "['0', '1']")
+
+
+@pytest.mark.parametrize("score", ["abc", "5.5", "-0.1", "nan", ""])
+def test_error_bad_stsb_score(tmp_path: Path, score: str) -> None:
+    header = ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2"]
+    row = ["0", "main-captions", "MSRvid", "2012test", "0001", "none", "none", "A.", "B."]
+    path = write_tsv(tmp_path / "STS-B" / "dev.tsv", header + ["score"], [row + ["3.2"], row + ["1"], row + [score]])
+    with pytest.raises(GlueDataError) as exc:
+        load_glue_from_dir(str(tmp_path), "stsb")
+    assert_one_line(exc, str(path), "row 3", repr(score), "[0, 5]")
+
+
+def test_error_cola_column_count(tmp_path: Path) -> None:
+    path = write_tsv(tmp_path / "CoLA" / "train.tsv", None, [["gj04", "1", "", "Fine."], ["The cat sat.", "1"]])
+    with pytest.raises(GlueDataError) as exc:
+        load_glue_from_dir(str(tmp_path), "cola")
+    assert_one_line(exc, str(path), "line 2 has 2 tab-separated fields", "expected 4", "no header row")
+
+
+def test_error_cola_with_header(tmp_path: Path) -> None:
+    path = write_tsv(tmp_path / "CoLA" / "dev.tsv", ["source", "label", "mark", "sentence"], [["gj04", "1", "", "ok"]])
+    with pytest.raises(GlueDataError) as exc:
+        load_glue_from_dir(str(tmp_path), "cola")
+    assert_one_line(exc, str(path), "row 1", "'label'", "without a header")
+
+
+def test_error_ragged_rows(tmp_path: Path) -> None:
+    header = ["index", "sentence1", "sentence2", "label"]
+    # every row one field too wide: pandas would silently turn the first column into the index
+    path = write_tsv(tmp_path / "WNLI" / "train.tsv", header, [["0", "a", "b", "1", "x"], ["1", "a", "b", "1", "y"]])
+    with pytest.raises(GlueDataError) as exc:
+        load_glue_from_dir(str(tmp_path), "wnli")
+    assert_one_line(exc, str(path), "line 2 has 5 tab-separated fields", "expected 4", "'sentence2'")
+    # a short row must not become an empty label or sentence
+    path = write_tsv(tmp_path / "WNLI" / "train.tsv", header, [["0", "a", "b", "1"], ["1", "a", "b"]])
+    with pytest.raises(GlueDataError) as exc:
+        load_glue_from_dir(str(tmp_path), "wnli")
+    assert_one_line(exc, str(path), "line 3 has 3 tab-separated fields", "expected 4")
+
+
+def test_blank_lines_and_crlf_are_tolerated(tmp_path: Path) -> None:
+    path = tmp_path / "RTE" / "dev.tsv"
+    path.parent.mkdir()
+    path.write_bytes(b"index\tsentence1\tsentence2\tlabel\r\n0\ta\tb\tentailment\r\n\r\n1\tc\td\tnot_entailment")
+    ds = load_glue_from_dir(tmp_path, "rte")["validation"]
+    assert ds["sentence1"] == ["a", "c"] and ds["label"] == [0, 1]
+
+
+def test_label_mapping_and_whitespace(tmp_path: Path) -> None:
+    header = ["index", "sentence1", "sentence2", "label"]
+    write_tsv(tmp_path / "WNLI" / "dev.tsv", header, [["0", "a", "b", "1"], ["1", "c", "d", "0 "]])
+    write_tsv(
+        tmp_path / "QNLI" / "dev.tsv", ["index", "question", "sentence", "label"], [["0", "q", "s", "not_entailment"]]
+    )
+    assert load_glue_from_dir(tmp_path, "wnli")["validation"]["label"] == [1, 0]  # 1 = entailment
+    qnli = load_glue_from_dir(tmp_path, "qnli")
+    assert list(qnli) == ["validation"] and qnli["validation"]["label"] == [1]
+
+
+# ------------------------------------------------------------------------------------------------ metric
+
+
+def test_metric_file_is_package_data() -> None:
+    package_dir = Path(iwtrainer.__file__).resolve().parent
+    relative = GLUE_METRIC_PATH.relative_to(package_dir).as_posix()
+    assert fnmatch.fnmatch(relative, "metrics/*/*.py") and GLUE_METRIC_PATH.is_file()
+
+
+def test_metric_loads_without_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args!r}")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    for config in GLUE_METRIC_CONFIGS:
+        metric = load_glue_metric(config)
+        assert metric.config_name == config
+    import evaluate
+
+    folder_metric = evaluate.load(str(GLUE_METRIC_PATH.parent), config_name="rte", keep_in_memory=True)
+    assert folder_metric.compute(predictions=[0, 1, 1], references=[0, 1, 0]) == {"accuracy": pytest.approx(2 / 3)}
+
+
+def test_metric_unknown_config() -> None:
+    with pytest.raises(GlueDataError) as exc:
+        load_glue_metric("squad")
+    assert_one_line(exc, "--task_name", "'squad'", "mnli_mismatched")
+    with pytest.raises(GlueDataError):
+        compute_glue_metrics("squad", [0], [0])
+    import evaluate
+
+    with pytest.raises(KeyError, match="config_name"):
+        evaluate.load(str(GLUE_METRIC_PATH), config_name="squad")
+
+
+def test_metric_classification_against_sklearn() -> None:
+    rng = np.random.default_rng(0)
+    refs = rng.integers(0, 2, size=200)
+    preds = np.where(rng.random(200) < 0.75, refs, 1 - refs)
+    accuracy = sum(int(p == r) for p, r in zip(preds.tolist(), refs.tolist())) / len(refs)
+
+    cola = compute_glue_metrics("cola", preds, refs)
+    assert cola == {"matthews_correlation": pytest.approx(matthews_corrcoef(refs, preds))}
+
+    for task in ("mrpc", "qqp"):
+        result = compute_glue_metrics(task, preds.tolist(), refs.tolist())
+        f1 = f1_score(refs, preds)
+        assert set(result) == {"accuracy", "f1", "combined_score"}
+        assert result["accuracy"] == pytest.approx(accuracy) and result["f1"] == pytest.approx(f1)
+        assert result["combined_score"] == pytest.approx((accuracy + f1) / 2)
+        assert all(type(value) is float for value in result.values())
+
+    for task in ("sst2", "mnli", "mnli_matched", "mnli_mismatched", "qnli", "rte", "wnli", "hans"):
+        assert compute_glue_metrics(task, preds, refs) == {"accuracy": pytest.approx(accuracy)}
+
+    raw = load_glue_metric("mrpc", keep_in_memory=True).compute(predictions=preds, references=refs)
+    assert set(raw) == {"accuracy", "f1"}  # combined_score is added only by compute_glue_metrics
+
+
+def test_metric_multiclass_logits_argmax() -> None:
+    logits = np.array([[2.0, 0.1, 0.3], [0.0, 0.1, 3.0], [0.2, 1.5, 0.1], [1.0, 0.0, 0.0]])
+    assert compute_glue_metrics("mnli", logits, [0, 2, 2, 1]) == {"accuracy": pytest.approx(0.5)}
+
+
+def test_metric_stsb_against_scipy() -> None:
+    rng = np.random.default_rng(1)
+    refs = rng.uniform(0, 5, size=100)
+    preds = refs + rng.normal(0, 1.0, size=100)
+    result = compute_glue_metrics("stsb", preds[:, None], refs)
+    pearson = pearsonr(preds, refs)[0]
+    spearman = spearmanr(preds, refs)[0]
+    assert set(result) == {"pearson", "spearmanr", "combined_score"}
+    assert result["pearson"] == pytest.approx(pearson, abs=1e-5)  # inputs are stored as float32
+    assert result["spearmanr"] == pytest.approx(spearman, abs=1e-5)
+    assert result["combined_score"] == pytest.approx((pearson + spearman) / 2, abs=1e-5)
+
+
+@needs_glue
+def test_metric_on_real_labels(real: dict[str, datasets.DatasetDict]) -> None:
+    refs = real["rte"]["validation"]["label"]
+    assert compute_glue_metrics("rte", [0] * len(refs), refs) == {"accuracy": pytest.approx(146 / 277)}

@@ -1,0 +1,98 @@
+"""The penalty equals the explicit s²‖B@A‖² sum (value and gradient); importance weights and their errors."""
+
+import math
+
+import pytest
+import torch
+from tiny import tiny_lora
+
+from iwtrainer import IWPenalty, find_lora_targets, importance_weights, iw_penalty, penalty_coefficients
+
+
+def explicit_penalty(targets, coefs, form="delta"):
+    total = 0.0
+    for t in targets:
+        if form == "delta":
+            delta = t.scaling * (t.lora_B @ t.lora_A)  # materialised d_out × d_in, as the definition reads
+            total = total + coefs[t.name] * delta.pow(2).sum()
+        else:
+            total = total + coefs[t.name] * (t.lora_A.pow(2).sum() + t.lora_B.pow(2).sum())
+    return total
+
+
+@pytest.mark.parametrize("kind", ["bert", "deberta", "gpt2"])
+@pytest.mark.parametrize("form", ["delta", "factors"])
+def test_value_and_gradient_match_explicit(kind, form):
+    model = tiny_lora(kind, init_lora_weights=False).double()  # float64: compare formulas, not round-off
+    targets = find_lora_targets(model)
+    g = torch.Generator().manual_seed(0)
+    coefs = {t.name: float(torch.rand((), generator=g)) for t in targets}
+    params = [p for t in targets for p in (t.lora_A, t.lora_B)]
+
+    got = IWPenalty(targets, coefs, form)()
+    grads_got = torch.autograd.grad(got, params)
+    want = explicit_penalty(targets, coefs, form)
+    grads_want = torch.autograd.grad(want, params)
+
+    assert got.item() > 0
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    for a, b in zip(grads_got, grads_want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_uses_peft_scaling_including_rslora():
+    model = tiny_lora("bert", init_lora_weights=False, use_rslora=True)
+    targets = find_lora_targets(model)
+    assert targets[0].scaling == pytest.approx(8 / math.sqrt(4))
+    coefs = dict.fromkeys((t.name for t in targets), 1.0)
+    assert IWPenalty(targets, coefs)().item() == pytest.approx(explicit_penalty(targets, coefs).item(), rel=1e-5)
+
+
+def test_functional_iw_penalty_takes_weights_and_beta():
+    model = tiny_lora("gpt2", init_lora_weights=False)
+    targets = find_lora_targets(model)
+    weights = {t.name: (i + 1) / (2 * len(targets)) for i, t in enumerate(targets)}
+    coefs = {k: (1 - w) ** 2.0 for k, w in weights.items()}
+    got = iw_penalty(model, weights, beta=2.0)
+    assert got.item() == pytest.approx(explicit_penalty(targets, coefs).item(), rel=1e-5)
+
+
+def test_zero_at_peft_init_and_bad_form():
+    model = tiny_lora("bert")  # B = 0
+    targets = find_lora_targets(model)
+    coefs = dict.fromkeys((t.name for t in targets), 1.0)
+    assert IWPenalty(targets, coefs)().item() == 0.0
+    with pytest.raises(ValueError, match="iw_penalty"):
+        IWPenalty(targets, coefs, form="l1")
+    with pytest.raises(ValueError, match="no importance coefficient"):
+        IWPenalty(targets, {})
+
+
+def test_importance_weights_sum_and_max():
+    s = {"a": 1.0, "b": 3.0, "c": 4.0}
+    assert importance_weights(s, "sum") == pytest.approx({"a": 0.125, "b": 0.375, "c": 0.5})
+    w = importance_weights(s, "max")
+    assert w == pytest.approx({"a": 0.25, "b": 0.75, "c": 1.0})
+    assert penalty_coefficients(w, beta=2.0) == pytest.approx({"a": 0.5625, "b": 0.0625, "c": 0.0})
+
+
+@pytest.mark.parametrize(
+    ("sens", "normalize", "match"),
+    [
+        ({"a": 0.0, "b": 0.0}, "sum", "sensitivities: all zero"),
+        ({"a": float("nan"), "b": 1.0}, "sum", "sensitivities: .*non-finite"),
+        ({"a": float("inf"), "b": 1.0}, "max", "sensitivities: .*non-finite"),
+        ({"a": 1.0}, "mean", "iw_normalize"),
+        ({}, "sum", "sensitivities: empty"),
+    ],
+)
+def test_importance_errors(sens, normalize, match):
+    with pytest.raises(ValueError, match=match):
+        importance_weights(sens, normalize)
+
+
+def test_no_lora_layers_error():
+    from tiny import tiny_base
+
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        find_lora_targets(tiny_base("bert"))
