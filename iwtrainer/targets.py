@@ -47,6 +47,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def layout_version(model: nn.Module) -> int:
+    """Bumped by :func:`mark_layout_changed` whenever LoRA layers are rebuilt (e.g. rank re-allocation)."""
+    return getattr(unwrap_model(model), "_iw_layout_version", 0)
+
+
+def mark_layout_changed(model: nn.Module) -> None:
+    """Tell cached structures (the penalty's shape groups) that LoRA parameters were replaced."""
+    inner = unwrap_model(model)
+    inner._iw_layout_version = layout_version(inner) + 1
+
+
 def short_name(name: str) -> str:
     return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
 

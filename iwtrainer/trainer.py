@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .callbacks import SensitivityCallback
 from .importance import save_importance
 from .penalty import IWPenalty
-from .targets import find_lora_targets, unwrap_model
+from .targets import find_lora_targets, layout_version, unwrap_model
 from .training_args import IWTrainingArguments, validate_iw_settings
 
 
@@ -41,6 +42,9 @@ class IWTrainer(Trainer):
     sensitivities before optimizer step 0. ``args`` must be [`IWTrainingArguments`]; with ``iw_alpha=0`` it
     behaves exactly like ``Trainer``. Logs ``loss_task`` and ``iw_penalty`` (the α-scaled term) beside ``loss``.
 
+    ``regularizers`` maps a log name to ``fn(model) -> Tensor``, a further term added to the training loss
+    through the same accumulation-safe path (e.g. WSA's ``λ·‖g‖₁``).
+
     Gradient accumulation: for models whose loss ignores ``num_items_in_batch`` (sequence classifiers), the
     Trainer is told to divide the loss by the accumulation steps, so 16 × 2 gives the same update as 32 × 1.
 
@@ -49,7 +53,13 @@ class IWTrainer(Trainer):
     returned loss itself, and it is never multiplied by the process count (DDP averages identical gradients).
     """
 
-    def __init__(self, model: nn.Module | None = None, args: IWTrainingArguments | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: IWTrainingArguments | None = None,
+        regularizers: Mapping[str, Callable[[nn.Module], torch.Tensor]] | None = None,
+        **kwargs: Any,
+    ):
         if args is not None and not isinstance(args, IWTrainingArguments):
             raise TypeError(f"IWTrainer needs args=IWTrainingArguments(...), got {type(args).__name__}")
         super().__init__(model=model, args=args, **kwargs)
@@ -66,7 +76,11 @@ class IWTrainer(Trainer):
             self.add_callback(self.iw_callback)
         self.iw_callback.write_checkpoints = False
         self._iw_penalty: IWPenalty | None = None
-        self._iw_penalty_record: dict | None = None
+        self._iw_penalty_key: tuple | None = None
+        self.regularizers = dict(regularizers or {})
+        # "grad": closed-form penalty gradient added to .grad in one fused op per shape group (fast, default);
+        # "autograd": the penalty joins the loss graph (used where .grad is not a plain tensor, e.g. DeepSpeed).
+        self.penalty_backend = "autograd" if self.is_deepspeed_enabled else "grad"
         self._iw_logs: dict[str, torch.Tensor] = {}
         self._iw_last_logged_step = 0
         if model is not None and self.args.iw_alpha > 0:
@@ -94,10 +108,11 @@ class IWTrainer(Trainer):
             raise RuntimeError(
                 "IWTrainer: no importance weights; calibration did not run (was the SensitivityCallback removed?)"
             )
-        if self._iw_penalty is None or self._iw_penalty_record is not record:
+        key = (id(record), id(unwrap_model(model)), layout_version(model), self.args.iw_penalty)
+        if self._iw_penalty is None or self._iw_penalty_key != key:
             targets = find_lora_targets(unwrap_model(model), self.iw_callback.adapter_name)
             self._iw_penalty = IWPenalty(targets, self.iw_callback.coefficients, self.args.iw_penalty)
-            self._iw_penalty_record = record
+            self._iw_penalty_key = key
         return self._iw_penalty
 
     def _trainer_divides_by_ga(self, num_items_in_batch: Any) -> bool:
@@ -121,16 +136,39 @@ class IWTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if not (self.iw_active and model.training and torch.is_grad_enabled()):
-            return (loss, outputs) if return_outputs else loss
+        terms: dict[str, torch.Tensor] = {}
         ga = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        if model.training and torch.is_grad_enabled():
+            if self.iw_active:
+                penalty = self._penalty(model)
+                if self.penalty_backend == "grad":
+                    # α∇P/ga straight into .grad (it accumulates with the task gradient of the coming backward);
+                    # the detached value below only makes the reported loss the full objective.
+                    terms["iw_penalty"] = self.args.iw_alpha * penalty.add_grad_(self._grad_scale(ga))
+                else:
+                    terms["iw_penalty"] = self.args.iw_alpha * penalty()
+            for name, fn in self.regularizers.items():
+                terms[name] = fn(model)
+        if not terms:
+            return (loss, outputs) if return_outputs else loss
         divides = self._trainer_divides_by_ga(num_items_in_batch)
-        penalty = self.args.iw_alpha * self._penalty(model)()
-        # Per optimizer step the penalty must contribute α·P once: each of the `ga` micro-batches carries α·P/ga.
-        total = loss + (penalty if divides else penalty / ga)
         self._iw_track("loss_task", loss.detach().mean() / (ga if divides else 1))
-        self._iw_track("iw_penalty", penalty.detach() / ga)
+        total = loss
+        for name, value in terms.items():
+            # Per optimizer step each term must contribute its gradient once: each of the `ga` micro-batches
+            # carries value/ga after the Trainer's own division (or ours, when the Trainer will not divide).
+            total = total + (value if divides else value / ga)
+            self._iw_track(name, value.detach() / ga)
         return (total, outputs) if return_outputs else total
+
+    def _grad_scale(self, ga: int) -> float | torch.Tensor:
+        """α/ga, times the fp16 GradScaler's current scale (a device tensor: no host sync)."""
+        scale: float | torch.Tensor = self.args.iw_alpha / ga
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            current = getattr(scaler, "_scale", None)
+            scale = scale * (current if current is not None else scaler.get_scale())
+        return scale
 
     def _iw_track(self, key: str, value: torch.Tensor) -> None:
         acc = self._iw_logs.get(key)

@@ -96,3 +96,24 @@ def test_no_lora_layers_error():
 
     with pytest.raises(ValueError, match="no LoRA layers"):
         find_lora_targets(tiny_base("bert"))
+
+
+@pytest.mark.parametrize("kind", ["deberta", "gpt2"])
+@pytest.mark.parametrize("form", ["delta", "factors"])
+def test_closed_form_gradient_matches_autograd(kind, form):
+    """add_grad_ (the trainer's fused path) adds exactly scale·∇P to .grad, accumulating onto what is there."""
+    model = tiny_lora(kind, init_lora_weights=False).double()
+    targets = find_lora_targets(model)
+    coefs = {t.name: 0.1 * (i + 1) for i, t in enumerate(targets)}
+    params = [p for t in targets for p in (t.lora_A, t.lora_B)]
+    penalty = IWPenalty(targets, coefs, form)
+    want = torch.autograd.grad(3.0 * explicit_penalty(targets, coefs, form), params)
+
+    value = penalty.add_grad_(scale=3.0)  # from .grad = None
+    assert value.item() == pytest.approx(explicit_penalty(targets, coefs, form).item(), rel=1e-12)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-14)
+    existing = [p.grad.clone() for p in params]
+    penalty.add_grad_(scale=3.0)  # accumulates like autograd would
+    for p, e, w in zip(params, existing, want):
+        torch.testing.assert_close(p.grad, e + w, rtol=1e-10, atol=1e-14)

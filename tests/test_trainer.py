@@ -67,6 +67,20 @@ def test_accumulation_gives_the_same_update(tmp_path):
     assert differs > 1e-4  # the penalty really changed the update
 
 
+def test_fused_gradient_backend_equals_autograd_backend(tmp_path):
+    """The default closed-form .grad path and the penalty-in-the-graph path give the same training run."""
+    _, fused = train(tmp_path / "g", per_device_train_batch_size=16, gradient_accumulation_steps=2)
+    trainer = IWTrainer(
+        model=tiny_lora("bert", init_lora_weights=False),
+        args=make_args(tmp_path / "a", per_device_train_batch_size=16, gradient_accumulation_steps=2),
+        train_dataset=RandomClassification(n=96),
+    )
+    assert trainer.penalty_backend == "grad"
+    trainer.penalty_backend = "autograd"
+    trainer.train()
+    assert_states_close(fused, lora_state(trainer.model))
+
+
 def test_alpha_zero_is_plain_trainer(tmp_path):
     iw, iw_state = train(tmp_path / "iw", iw_alpha=0.0)
     plain_args = TrainingArguments(**{k: v for k, v in make_args(tmp_path / "p").to_dict().items() if "iw_" not in k})

@@ -1,0 +1,397 @@
+"""Step time and peak memory: LoRA vs IW-LoRA (vs full fine-tuning, AdaLoRA, WSA) in one process, alternating.
+
+Each method trains its own copy of the model with AdamW under bf16 autocast; a step is exactly what the
+Trainer does per batch: ``IWTrainer.compute_loss`` (task loss + the method's regulariser), backward,
+optimizer step, zero_grad. Methods run in interleaved rounds so clock and thermal drift hit all of them alike;
+the reported ms/step is the median over rounds, and ratios are taken within this one process.
+
+Also measured: calibration cost (150 batches vs a training step) expressed as a share of a 3-epoch SST-2 LoRA
+run, and how stable the importance ranking is when fewer calibration batches are used (Spearman ρ against the
+150-batch estimate).
+
+    python benchmarks/bench_step.py --minilm PATH --sst2 DIR --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from scipy.stats import spearmanr
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DebertaV2Config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from iwtrainer import IWTrainer, IWTrainingArguments, compute_sensitivities, importance_record  # noqa: E402
+
+SST2_TRAIN_ROWS = 67349  # GLUE SST-2 train size: a 3-epoch run at batch 32 is 3 × ceil(67349/32) steps
+
+
+def deberta_v3_base_config() -> DebertaV2Config:
+    """microsoft/deberta-v3-base's architecture (random weights: only shapes matter for speed)."""
+    return DebertaV2Config(
+        vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        max_position_embeddings=512, relative_attention=True, position_buckets=256, norm_rel_ebd="layer_norm",
+        share_att_key=True, pos_att_type=["p2c", "c2p"], max_relative_positions=-1, position_biased_input=False,
+        type_vocab_size=0, layer_norm_eps=1e-7, num_labels=2,
+    )  # fmt: skip
+
+
+LORA_TARGETS = {
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "deberta-v2": [
+        "query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"
+    ],
+}  # fmt: skip
+
+
+def _targets(model: torch.nn.Module) -> list[str]:
+    return LORA_TARGETS[model.config.model_type]
+
+
+def _lora(base: torch.nn.Module, r: int = 8) -> torch.nn.Module:
+    cfg = LoraConfig(
+        r=r, lora_alpha=16, lora_dropout=0.1, target_modules=_targets(base), modules_to_save=["classifier"]
+    )
+    return get_peft_model(base, cfg)
+
+
+def _trainer(model: torch.nn.Module, alpha: float, out: str, **kw) -> IWTrainer:
+    args = IWTrainingArguments(output_dir=out, iw_alpha=alpha, report_to="none", bf16=torch.cuda.is_available())
+    return IWTrainer(model=model, args=args, **kw)
+
+
+def build_methods(base: torch.nn.Module, batches: list[dict], out: str) -> dict[str, tuple]:
+    """method -> (trainer, model, optimizer). Extra methods are added when their modules are importable."""
+    methods: dict[str, tuple] = {}
+    lora = _lora(copy.deepcopy(base))
+    methods["lora"] = (_trainer(lora, 0.0, out), lora)
+
+    iw = _lora(copy.deepcopy(base))
+    trainer = _trainer(iw, 1e-4, out)
+    sens = compute_sensitivities(iw, batches[:4], num_steps=4, show_progress=False)
+    trainer.iw_callback.record = importance_record(sens, "sum", 1.0)
+    methods["iw_lora"] = (trainer, iw)
+
+    iw_ag = _lora(copy.deepcopy(base))  # the same penalty through the autograd graph, for comparison
+    trainer_ag = _trainer(iw_ag, 1e-4, out)
+    trainer_ag.iw_callback.record = trainer.iw_callback.record
+    trainer_ag.penalty_backend = "autograd"
+    methods["iw_lora_autograd"] = (trainer_ag, iw_ag)
+
+    full = copy.deepcopy(base)
+    methods["full"] = (_trainer(full, 0.0, out), full)
+
+    try:  # AdaLoRA: peft's own, with the update_and_allocate call the Trainer would make after each step
+        from iwtrainer.adalora import adalora_config
+
+        ada_cfg = adalora_config(
+            _targets(base), lora_r=8, lora_alpha=16, total_step=10_000, modules_to_save=["classifier"]
+        )
+        ada = get_peft_model(copy.deepcopy(base), ada_cfg)
+        methods["adalora"] = (_trainer(ada, 0.0, out), ada)
+    except ImportError:
+        pass
+    try:
+        from iwtrainer.wsa import WSAConfig, apply_wsa, wsa_gate_l1
+
+        wsa = apply_wsa(
+            copy.deepcopy(base), WSAConfig(r_init=16, target_modules=_targets(base), modules_to_save=["classifier"])
+        )
+        methods["wsa"] = (_trainer(wsa, 0.0, out, regularizers={"wsa_gate_l1": lambda m: 1e-3 * wsa_gate_l1(m)}), wsa)
+    except ImportError:
+        pass
+    return {
+        name: (t, m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5))
+        for name, (t, m) in methods.items()
+    }
+
+
+def make_step(name: str, trainer: IWTrainer, model: torch.nn.Module, opt: torch.optim.Optimizer) -> Callable:
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    counter = {"step": 0}
+
+    def step(batch: dict) -> None:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+            loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        opt.step()
+        if name == "adalora":  # what AdaLoraCallback does at on_optimizer_step
+            model.base_model.update_and_allocate(counter["step"])
+        opt.zero_grad(set_to_none=True)
+        counter["step"] += 1
+
+    return step
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_methods(steps: dict[str, Callable], batches: list[dict], rounds: int, per_round: int) -> dict[str, dict]:
+    for fn in steps.values():  # warm-up: allocator, cuBLAS heuristics, optimizer state
+        for b in batches[:3]:
+            fn(b)
+    samples: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(rounds):
+        order = list(steps) if r % 2 == 0 else list(reversed(steps))
+        for name in order:
+            _sync()
+            t0 = time.perf_counter()
+            for i in range(per_round):
+                steps[name](batches[i % len(batches)])
+            _sync()
+            samples[name].append((time.perf_counter() - t0) * 1000 / per_round)
+    return {
+        k: {"ms_per_step": statistics.median(v), "ms_min": min(v), "ms_max": max(v), "rounds": len(v)}
+        for k, v in samples.items()
+    }
+
+
+def peak_memory(methods: dict[str, tuple], steps: dict[str, Callable], batches: list[dict]) -> dict[str, float]:
+    """Peak allocated GiB per method with only that method's model and optimizer on the GPU."""
+    if not torch.cuda.is_available():
+        return {}
+    out = {}
+    for name in methods:
+        for other, (_, m, opt) in methods.items():
+            _move(m, opt, "cuda" if other == name else "cpu")
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        for b in batches[:3]:
+            steps[name](b)
+        _sync()
+        out[name] = torch.cuda.max_memory_allocated() / 2**30
+    for _, m, opt in methods.values():
+        _move(m, opt, "cuda")
+    return out
+
+
+def _move(model: torch.nn.Module, opt: torch.optim.Optimizer, device: str) -> None:
+    model.to(device)
+    for state in opt.state.values():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.dim() > 0:
+                state[k] = v.to(device)
+
+
+def calibration_cost(model: torch.nn.Module, batches: list[dict], lora_ms: float, n: int = 150) -> dict:
+    autocast = torch.bfloat16 if torch.cuda.is_available() else None
+    compute_sensitivities(model, batches[:2], num_steps=2, autocast_dtype=autocast, show_progress=False)  # warm-up
+    _sync()
+    t0 = time.perf_counter()
+    compute_sensitivities(model, batches, num_steps=n, autocast_dtype=autocast, show_progress=False)
+    _sync()
+    calib_s = time.perf_counter() - t0
+    run_steps = 3 * math.ceil(SST2_TRAIN_ROWS / 32)
+    run_s = run_steps * lora_ms / 1000
+    return {
+        "calib_batches": n,
+        "calib_seconds": calib_s,
+        "calib_ms_per_batch": calib_s * 1000 / n,
+        "calib_batch_over_lora_step": calib_s * 1000 / n / lora_ms,
+        "sst2_3epoch_lora_steps": run_steps,
+        "sst2_3epoch_lora_seconds_est": run_s,
+        "calib_share_of_sst2_run": calib_s / (calib_s + run_s),
+    }
+
+
+def ranking_stability(model: torch.nn.Module, batches: list[dict], ns: list[int], ref_n: int) -> dict:
+    autocast = torch.bfloat16 if torch.cuda.is_available() else None
+    ref = compute_sensitivities(model, batches, num_steps=ref_n, autocast_dtype=autocast, show_progress=False)
+    names = list(ref)
+    out = {}
+    for n in ns:
+        est = compute_sensitivities(model, batches, num_steps=n, autocast_dtype=autocast, show_progress=False)
+        rho = spearmanr([ref[k] for k in names], [est[k] for k in names]).statistic
+        top = lambda d: set(sorted(d, key=d.get, reverse=True)[: len(d) // 4])  # noqa: E731
+        out[n] = {
+            "spearman_vs_ref": float(rho),
+            "ref_batches": ref_n,
+            "top_quarter_overlap": len(top(ref) & top(est)) / len(top(ref)),
+        }
+    weights = importance_record(ref, "sum", 1.0)["modules"]
+    coefs = [v["coefficient"] for v in weights.values()]
+    max_w = importance_record(ref, "max", 1.0)["modules"]
+    out["coefficients_sum"] = {"min": min(coefs), "max": max(coefs), "K": len(coefs)}
+    out["coefficients_max"] = {
+        "min": min(v["coefficient"] for v in max_w.values()),
+        "max": max(v["coefficient"] for v in max_w.values()),
+    }
+    return out
+
+
+def sst2_batches(model_dir: str, sst2_dir: str, n: int, batch: int, seq: int, device: str) -> list[dict]:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    with open(os.path.join(sst2_dir, "train.tsv"), newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[: n * batch]
+    out = []
+    for s in range(0, len(rows), batch):
+        chunk = rows[s : s + batch]
+        enc = tok(
+            [r["sentence"] for r in chunk], padding="max_length", truncation=True, max_length=seq, return_tensors="pt"
+        )
+        enc["labels"] = torch.tensor([int(r["label"]) for r in chunk])
+        out.append({k: v.to(device) for k, v in enc.items()})
+    return out
+
+
+def random_batches(vocab: int, n: int, batch: int, seq: int, device: str) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        {
+            "input_ids": torch.randint(5, vocab, (batch, seq), generator=g).to(device),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device),
+            "labels": torch.randint(0, 2, (batch,), generator=g).to(device),
+        }
+        for _ in range(n)
+    ]
+
+
+def bench_model(label: str, base: torch.nn.Module, batches: list[dict], args: argparse.Namespace) -> dict:
+    device = batches[0]["input_ids"].device
+    base = base.to(device)
+    methods = build_methods(base, batches, args.tmp)
+    steps = {k: make_step(k, *v) for k, v in methods.items()}
+    timing = time_methods(steps, batches, args.rounds, args.steps)
+    memory = peak_memory(methods, steps, batches)
+    lora_ms = timing["lora"]["ms_per_step"]
+    result = {
+        "model": label,
+        "lora_matrices": len(_targets(base)) * base.config.num_hidden_layers,
+        "batch": batches[0]["input_ids"].shape[0],
+        "seq": batches[0]["input_ids"].shape[1],
+        "methods": {
+            k: {
+                **timing[k],
+                "ratio_vs_lora": timing[k]["ms_per_step"] / lora_ms,
+                "peak_gib": memory.get(k),
+                "trainable_params": sum(p.numel() for p in methods[k][1].parameters() if p.requires_grad),
+            }
+            for k in methods
+        },
+    }
+    if args.calib_steps:
+        result["calibration"] = calibration_cost(methods["lora"][1], batches, lora_ms, args.calib_steps)
+    return result
+
+
+def to_markdown(results: dict) -> str:
+    lines = [
+        "# Step time and memory: LoRA vs IW-LoRA and the other methods",
+        "",
+        f"Device: {results['device']}; torch {results['torch']}; bf16 autocast; AdamW; median of "
+        f"{results['rounds']} interleaved rounds of {results['steps_per_round']} steps. Produced by "
+        "`benchmarks/bench_step.py`.",
+        "",
+    ]
+    for r in results["models"]:
+        lines += [
+            f"## {r['model']} — {r['lora_matrices']} LoRA matrices, batch {r['batch']}, seq {r['seq']}",
+            "",
+            "| method | ms/step | × LoRA | min–max ms | peak GiB | trainable params |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for k, m in r["methods"].items():
+            peak = f"{m['peak_gib']:.2f}" if m["peak_gib"] is not None else "–"
+            lines.append(
+                f"| {k} | {m['ms_per_step']:.2f} | {m['ratio_vs_lora']:.3f} | {m['ms_min']:.2f}–{m['ms_max']:.2f} "
+                f"| {peak} | {m['trainable_params']:,} |"
+            )
+        if "calibration" in r:
+            c = r["calibration"]
+            lines += [
+                "",
+                f"Calibration: {c['calib_batches']} batches in {c['calib_seconds']:.2f} s "
+                f"({c['calib_ms_per_batch']:.1f} ms/batch = {c['calib_batch_over_lora_step']:.2f} LoRA steps); "
+                f"a 3-epoch SST-2 LoRA run at this step time is {c['sst2_3epoch_lora_steps']} steps "
+                f"≈ {c['sst2_3epoch_lora_seconds_est']:.0f} s, so calibration is "
+                f"**{100 * c['calib_share_of_sst2_run']:.2f} %** of the run.",
+            ]
+        lines.append("")
+    if "ranking_stability" in results:
+        s = results["ranking_stability"]
+        lines += [
+            "## Importance ranking vs number of calibration batches (MiniLM, real SST-2 batches)",
+            "",
+            "| batches | Spearman ρ vs the longest estimate | top-quarter overlap |",
+            "|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {n} (vs {v['ref_batches']}) | {v['spearman_vs_ref']:.4f} | {v['top_quarter_overlap']:.2f} |"
+            for n, v in s.items()
+            if str(n).isdigit()
+        ]
+        cs, cm = s["coefficients_sum"], s["coefficients_max"]
+        lines += [
+            "",
+            f"Penalty coefficients (1−w)^β over K={cs['K']} matrices: `sum` normalisation "
+            f"{cs['min']:.4f}–{cs['max']:.4f} (nearly uniform L2); `max` normalisation "
+            f"{cm['min']:.4f}–{cm['max']:.4f}.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minilm", help="all-MiniLM-L6-v2 folder (real weights)")
+    p.add_argument("--sst2", help="GLUE SST-2 folder (train.tsv) for real MiniLM batches")
+    p.add_argument("--deberta", action="store_true", help="also a random DeBERTa-v3-base-shaped model")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=30, help="steps per method per round")
+    p.add_argument("--calib_steps", type=int, default=150)
+    p.add_argument("--stability", default="8,16,32,64,100", help="calibration batch counts to compare with 150")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--name", default="step_time")
+    p.add_argument("--tmp", default="/tmp/iw_bench")
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "models": [],
+    }
+    n_batches = max(args.calib_steps, 40)
+    if args.minilm:
+        batches = sst2_batches(args.minilm, args.sst2, n_batches, args.batch, args.seq, device)
+        base = AutoModelForSequenceClassification.from_pretrained(args.minilm, num_labels=2)
+        results["models"].append(bench_model("all-MiniLM-L6-v2 (real weights, SST-2 batches)", base, batches, args))
+        if args.stability:
+            ns = [int(x) for x in args.stability.split(",")]
+            lora = _lora(copy.deepcopy(base)).to(device)
+            results["ranking_stability"] = ranking_stability(lora, batches, ns, args.calib_steps)
+        print(json.dumps(results["models"][-1], indent=1), flush=True)
+    if args.deberta:
+        cfg = deberta_v3_base_config()
+        torch.manual_seed(0)
+        base = AutoModelForSequenceClassification.from_config(cfg)
+        batches = random_batches(cfg.vocab_size, n_batches, args.batch, args.seq, device)
+        results["models"].append(bench_model("DeBERTa-v3-base shapes (random init)", base, batches, args))
+        print(json.dumps(results["models"][-1], indent=1), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    Path(args.out, f"{args.name}.json").write_text(json.dumps(results, indent=1))
+    md = to_markdown(results)
+    Path(args.out, f"{args.name}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

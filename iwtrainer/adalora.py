@@ -1,0 +1,319 @@
+"""The AdaLoRA baseline (peft ``AdaLoraConfig``), wired into the HF Trainer correctly.
+
+AdaLoRA parametrises each adapted matrix as ``Δ_k = (α / r_init) · P_k diag(E_k) Q_k`` (peft: ``lora_B``, ``lora_E``,
+``lora_A``) and prunes singular values ``E_k,i`` by an importance score until the total rank budget falls from
+``init_r·K`` to ``target_r·K`` on a cubic schedule:
+
+    b(t) = init_bgt                                                          t ≤ tinit
+    b(t) = target_bgt + (init_bgt − target_bgt) · (1 − (t − tinit)/(T − tfinal − tinit))³   tinit < t < T − tfinal
+    b(t) = target_bgt                                                        t ≥ T − tfinal
+
+Two things make or break it, and neither is done by the Trainer: peft's ``update_and_allocate(step)`` must be called
+after *every* optimizer step while gradients still exist, and the schedule's ``total_step`` T must be the run's real
+length. Without the call AdaLoRA silently trains as a (rank ``init_r``) LoRA with orthogonality regulariser and nothing
+is ever pruned. [`AdaLoraCallback`] makes the call (``on_optimizer_step``: after ``optimizer.step()``, before
+``model.zero_grad()``) and fixes T from ``state.max_steps``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from peft import AdaLoraConfig
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .targets import unwrap_model
+
+logger = logging.getLogger(__name__)
+
+ADALORA_FILE = "adalora_ranks.json"
+
+
+def adalora_schedule(total_step: int, tinit_frac: float, tfinal_frac: float) -> tuple[int, int]:
+    """``(tinit, tfinal) = (round(tinit_frac·T), max(1, round(tfinal_frac·T)))``, checked so a budgeting phase exists.
+
+    ``tfinal ≥ 1`` because the Trainer passes 0-based step indices ``0..T−1``: peft fixes the final mask at step
+    ``T − tfinal``, which a run never reaches when ``tfinal = 0``.
+    """
+    if not 0 <= tinit_frac < 1 or not 0 <= tfinal_frac < 1:
+        raise ValueError(f"AdaLoRA: tinit_frac and tfinal_frac must lie in [0, 1), got {tinit_frac} and {tfinal_frac}")
+    tinit = int(round(tinit_frac * total_step))
+    tfinal = max(1, int(round(tfinal_frac * total_step)))
+    _check_schedule(total_step, tinit, tfinal)
+    return tinit, tfinal
+
+
+def _check_schedule(total_step: int | None, tinit: int, tfinal: int) -> None:
+    if total_step is None or total_step <= 0:
+        raise ValueError(f"AdaLoRA: total_step must be the number of optimizer steps (> 0), got {total_step}")
+    if tfinal < 1:
+        raise ValueError(
+            "AdaLoRA: tfinal must be >= 1 (the Trainer's steps run 0..total_step-1, so with tfinal=0 peft never "
+            "applies the final budget); raise tfinal_frac (--adalora_tfinal_frac)"
+        )
+    if tinit + tfinal >= total_step:
+        raise ValueError(
+            f"AdaLoRA: the run is too short for its rank schedule: total_step={total_step} optimizer steps but "
+            f"tinit={tinit} + tfinal={tfinal} >= total_step leaves no budgeting phase. Train longer "
+            "(--max_steps / --num_train_epochs) or lower tinit_frac / tfinal_frac "
+            "(--adalora_tinit_frac / --adalora_tfinal_frac)."
+        )
+
+
+def adalora_config(
+    target_modules: Iterable[str] | str,
+    lora_r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    total_step: int | None = None,
+    tinit_frac: float = 0.1,
+    tfinal_frac: float = 0.2,
+    delta_t: int = 10,
+    beta1: float = 0.85,
+    beta2: float = 0.85,
+    orth_reg_weight: float = 0.5,
+    modules_to_save: list[str] | None = None,
+    task_type: str | None = "SEQ_CLS",
+) -> AdaLoraConfig:
+    """An ``AdaLoraConfig`` with LoRA's average rank budget: ``target_r = lora_r``, ``init_r = ceil(1.5·lora_r)``.
+
+    ``tinit``/``tfinal`` are ``tinit_frac``/``tfinal_frac`` of ``total_step`` (the run's optimizer steps). A ValueError
+    names the flags when the run is too short for a budgeting phase. ``lora_alpha`` is passed as is: peft's AdaLoRA
+    scales ``Δ`` by ``lora_alpha / init_r`` (its ``ranknum``), not by ``lora_alpha / lora_r``.
+    """
+    if lora_r < 1:
+        raise ValueError(f"AdaLoRA: lora_r must be >= 1, got {lora_r}")
+    if delta_t < 1:
+        raise ValueError(f"AdaLoRA: delta_t (--adalora_delta_t) must be >= 1, got {delta_t}")
+    if total_step is None:
+        raise ValueError("AdaLoRA: total_step (the run's number of optimizer steps) is required")
+    tinit, tfinal = adalora_schedule(total_step, tinit_frac, tfinal_frac)
+    return AdaLoraConfig(
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+        target_r=lora_r,
+        init_r=math.ceil(1.5 * lora_r),
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        total_step=total_step,
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=delta_t,
+        beta1=beta1,
+        beta2=beta2,
+        orth_reg_weight=orth_reg_weight,
+        modules_to_save=modules_to_save,
+        task_type=task_type,
+    )
+
+
+def _adalora_model(model: torch.nn.Module) -> torch.nn.Module:
+    """peft's ``AdaLoraModel`` inside a (possibly DDP-wrapped) ``PeftModel``."""
+    from peft.tuners.adalora import AdaLoraModel
+
+    inner = unwrap_model(model)
+    tuner = getattr(inner, "base_model", inner)
+    if not isinstance(tuner, AdaLoraModel):
+        raise TypeError(
+            f"AdaLoRA: expected a peft AdaLoRA model (get_peft_model(model, AdaLoraConfig(...))), got "
+            f"{type(inner).__name__} wrapping {type(tuner).__name__}"
+        )
+    if not hasattr(tuner, "rankallocator"):
+        raise ValueError("AdaLoRA: the adapter is in inference mode (no RankAllocator); nothing to train")
+    return tuner
+
+
+def _module_name(param_name: str, adapter: str) -> str:
+    """``bert.….query.lora_E.default`` (or ``….lora_E`` once peft has saved the pattern) -> ``bert.….query``."""
+    name = param_name
+    if name.endswith(f".{adapter}"):
+        name = name[: -len(adapter) - 1]
+    return name.removesuffix(".lora_E")
+
+
+def _pattern_ranks(rank_pattern: Mapping[str, Any], adapter: str) -> dict[str, int]:
+    return {_module_name(k, adapter): int(sum(bool(b) for b in v)) for k, v in rank_pattern.items()}
+
+
+def adalora_effective_ranks(model: torch.nn.Module) -> dict[str, int]:
+    """Rank kept per adapted matrix: ``Σ_i mask_i`` from peft's ``rank_pattern`` (the mask that save/load applies).
+
+    Before any mask was applied (no pattern yet) nothing is pruned and every module has its full ``init_r``. Keys are
+    module paths in the base model (``bert.encoder.layer.0.attention.self.query``), as elsewhere in iwtrainer.
+    """
+    from peft.tuners.adalora import AdaLoraLayer
+
+    tuner = _adalora_model(model)
+    adapter = tuner.trainable_adapter_name
+    pattern = tuner.peft_config[adapter].rank_pattern
+    if pattern:
+        return _pattern_ranks(pattern, adapter)
+    return {
+        name: int(module.r[adapter])
+        for name, module in tuner.model.named_modules()
+        if isinstance(module, AdaLoraLayer) and adapter in module.lora_E
+    }
+
+
+def adalora_nonzero_ranks(model: torch.nn.Module) -> dict[str, int]:
+    """Number of nonzero singular values ``E_k,i`` per module (the rank ``Δ_k`` can actually have right now)."""
+    from peft.tuners.adalora import AdaLoraLayer
+
+    tuner = _adalora_model(model)
+    adapter = tuner.trainable_adapter_name
+    return {
+        name: int((module.lora_E[adapter] != 0).sum())
+        for name, module in tuner.model.named_modules()
+        if isinstance(module, AdaLoraLayer) and adapter in module.lora_E
+    }
+
+
+class AdaLoraCallback(TrainerCallback):
+    """Drive peft's AdaLoRA rank allocation from the Trainer loop.
+
+    * ``on_train_begin``: sets the schedule's ``total_step`` to ``state.max_steps`` (on the config, which peft's
+      ``RankAllocator`` shares) when it is unset or differs; with ``tinit_frac``/``tfinal_frac`` given, ``tinit`` and
+      ``tfinal`` are re-derived from the real length too, else they are kept and checked.
+    * ``on_optimizer_step`` (after ``optimizer.step()``, before ``model.zero_grad()``, once per optimizer step whatever
+      the gradient accumulation): ``update_and_allocate(state.global_step)`` with the 0-based step index, as in peft's
+      own training loop. Steps that the fp16 grad scaler skipped (inf/nan gradients) do not update the importance EMA.
+    * ``on_train_end``: stores the final ``rank_pattern`` and per-module ranks and writes ``adalora_ranks.json``.
+
+    ``self.history`` has one entry per mask update: ``{"global_step", "budget", "total_rank"}``.
+    """
+
+    def __init__(
+        self, tinit_frac: float | None = None, tfinal_frac: float | None = None, write_file: bool = True
+    ) -> None:
+        if (tinit_frac is None) != (tfinal_frac is None):
+            raise ValueError("AdaLoraCallback: pass both tinit_frac and tfinal_frac, or neither")
+        self.tinit_frac = tinit_frac
+        self.tfinal_frac = tfinal_frac
+        self.write_file = write_file
+        self.history: list[dict[str, int]] = []
+        self.final_rank_pattern: dict[str, list[bool]] | None = None
+        self.final_ranks: dict[str, int] | None = None
+        self.record: dict[str, Any] | None = None
+        self._skipped = 0
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        tuner = _adalora_model(model)
+        config = tuner.peft_config[tuner.trainable_adapter_name]
+        self.history, self.final_rank_pattern, self.final_ranks, self.record, self._skipped = [], None, None, None, 0
+        total = state.max_steps
+        old = (config.total_step, config.tinit, config.tfinal)
+        tinit, tfinal = config.tinit, config.tfinal
+        if self.tinit_frac is not None:
+            tinit, tfinal = adalora_schedule(total, self.tinit_frac, self.tfinal_frac)
+        _check_schedule(total, tinit, tfinal)
+        if config.total_step != total or (tinit, tfinal) != (config.tinit, config.tfinal):
+            config.total_step, config.tinit, config.tfinal = total, tinit, tfinal
+            tuner.rankallocator.peft_config = config  # normally the same object; make sure the allocator sees it
+            tuner.rankallocator.set_total_step(total)
+            logger.info(
+                "AdaLoRA: schedule (total_step, tinit, tfinal) %s -> %s to match the run's %d optimizer steps",
+                old,
+                (total, tinit, tfinal),
+                total,
+            )
+        if state.global_step > 0:
+            logger.warning(
+                "AdaLoRA: resuming at step %d; peft's importance EMAs are not checkpointed and restart from zero",
+                state.global_step,
+            )
+        alloc = tuner.rankallocator
+        logger.info(
+            "AdaLoRA: budget %d -> %d over %d matrices, tinit=%d tfinal=%d deltaT=%d total_step=%d",
+            alloc.init_bgt,
+            alloc.target_bgt,
+            len(alloc.name_set),
+            tinit,
+            tfinal,
+            config.deltaT,
+            total,
+        )
+
+    def on_optimizer_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        tuner = _adalora_model(model)
+        config = tuner.peft_config[tuner.trainable_adapter_name]
+        step = state.global_step  # 0-based index of the optimizer step that just ran (incremented after this event)
+        final_step = config.total_step - config.tfinal
+        if step < final_step and getattr(optimizer, "step_was_skipped", False):
+            # fp16 overflow: the gradients are inf/nan and would poison the importance EMAs. (At and after the
+            # final step peft reads no gradients, so those calls always run.)
+            self._skipped += 1
+            return
+        if step < final_step:
+            budget, masks = tuner.rankallocator.budget_schedule(step)
+        else:
+            budget, masks = tuner.rankallocator.target_bgt, step == final_step
+        tuner.update_and_allocate(step)
+        if masks and config.rank_pattern:
+            total_rank = sum(_pattern_ranks(config.rank_pattern, tuner.trainable_adapter_name).values())
+            self.history.append({"global_step": step, "budget": int(budget), "total_rank": total_rank})
+
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        tuner = _adalora_model(model)
+        adapter = tuner.trainable_adapter_name
+        config = tuner.peft_config[adapter]
+        pattern = config.rank_pattern
+        self.final_rank_pattern = {k: [bool(b) for b in v] for k, v in pattern.items()} if pattern else None
+        self.final_ranks = adalora_effective_ranks(model)
+        final_step = config.total_step - config.tfinal
+        if state.global_step <= final_step:
+            logger.warning(
+                "AdaLoRA: training stopped at step %d before the final budget (step %d); ranks are not final",
+                state.global_step,
+                final_step,
+            )
+        if self._skipped:
+            logger.info("AdaLoRA: %d skipped optimizer steps did not update the importance scores", self._skipped)
+        self.record = {
+            "target_r": config.target_r,
+            "init_r": config.init_r,
+            "total_step": config.total_step,
+            "tinit": config.tinit,
+            "tfinal": config.tfinal,
+            "delta_t": config.deltaT,
+            "final_budget": sum(self.final_ranks.values()),
+            "target_budget": tuner.rankallocator.target_bgt,
+            "final_rank_pattern": self.final_ranks,
+            "history": self.history,
+        }
+        if self.write_file and state.is_world_process_zero:
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(os.path.join(args.output_dir, ADALORA_FILE), "w") as f:
+                json.dump(self.record, f, indent=2)
+        logger.info(
+            "AdaLoRA: final total rank %d (target %d) over %d matrices",
+            self.record["final_budget"],
+            self.record["target_budget"],
+            len(self.final_ranks),
+        )

@@ -1,0 +1,121 @@
+"""AdaLoRA baseline: the callback really prunes to the target budget; without it nothing is pruned."""
+
+import json
+import logging
+
+import pytest
+import torch
+from peft import get_peft_model
+from tiny import HEAD, TARGETS, RandomClassification, tiny_base
+from transformers import Trainer, TrainingArguments
+
+from iwtrainer import IWTrainer, IWTrainingArguments
+from iwtrainer.adalora import (
+    ADALORA_FILE,
+    AdaLoraCallback,
+    adalora_config,
+    adalora_effective_ranks,
+    adalora_nonzero_ranks,
+)
+
+STEPS = 30
+N_MATRICES = 13  # tiny BERT: q, k, v, 3 dense per layer × 2 layers + the pooler's dense
+
+
+def tiny_adalora(total_step=STEPS, lora_r=4, **kw):
+    base = tiny_base("bert")
+    torch.manual_seed(1)
+    kw = {"tinit_frac": 0.1, "tfinal_frac": 0.2, "delta_t": 2, **kw}
+    cfg = adalora_config(TARGETS["bert"], lora_r=lora_r, total_step=total_step, modules_to_save=HEAD["bert"], **kw)
+    return get_peft_model(base, cfg)
+
+
+def make_args(tmp_path, cls=TrainingArguments, **kw):
+    defaults = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=STEPS,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=10,
+        disable_tqdm=True,
+        seed=0,
+    )
+    defaults.update(kw)
+    return cls(**defaults)
+
+
+def run(tmp_path, model, callbacks, **kw):
+    trainer = Trainer(model=model, args=make_args(tmp_path, **kw), train_dataset=RandomClassification(n=64),
+                      callbacks=callbacks)  # fmt: skip
+    trainer.train()
+    return trainer
+
+
+def test_config_budget_and_schedule():
+    cfg = adalora_config(["query"], lora_r=8, total_step=100)
+    assert (cfg.target_r, cfg.init_r) == (8, 12)
+    assert (cfg.tinit, cfg.tfinal, cfg.total_step, cfg.deltaT) == (10, 20, 100, 10)
+
+
+@pytest.mark.parametrize("kw", [dict(total_step=1), dict(total_step=10, tinit_frac=0.5, tfinal_frac=0.5)])
+def test_too_short_run_is_a_clear_error(kw):
+    with pytest.raises(ValueError, match="too short.*max_steps.*tinit_frac"):
+        adalora_config(["query"], **kw)
+
+
+def test_too_short_trainer_run_is_a_clear_error(tmp_path):
+    model = tiny_adalora()
+    with pytest.raises(ValueError, match="too short"):
+        run(tmp_path, model, [AdaLoraCallback()], max_steps=5)  # keeps tinit=3, tfinal=6
+
+
+def test_callback_prunes_to_the_target_budget(tmp_path, caplog):
+    model = tiny_adalora(total_step=1000)  # deliberately wrong: the callback must fix it from max_steps
+    cb = AdaLoraCallback(tinit_frac=0.1, tfinal_frac=0.2)
+    with caplog.at_level(logging.INFO, logger="iwtrainer.adalora"):
+        run(tmp_path, model, [cb], gradient_accumulation_steps=2, per_device_train_batch_size=4)
+    assert "total_step, tinit, tfinal) (1000, 100, 200) -> (30, 3, 6)" in caplog.text
+    cfg = model.peft_config["default"]
+    assert (cfg.total_step, cfg.tinit, cfg.tfinal) == (STEPS, 3, 6)
+    assert model.base_model.rankallocator.peft_config.total_step == STEPS
+
+    init_total, target_total = 6 * N_MATRICES, 4 * N_MATRICES
+    budgets = [h["budget"] for h in cb.history]
+    # masks at steps 4, 6, ..., 22 (deltaT=2, after tinit=3) and the final one at T - tfinal = 24
+    assert [h["global_step"] for h in cb.history] == list(range(4, 23, 2)) + [24]
+    assert budgets[0] < init_total and budgets[-1] == target_total
+    assert all(a >= b for a, b in zip(budgets, budgets[1:])) and len(set(budgets)) > 3
+    assert [h["total_rank"] for h in cb.history] == budgets  # the mask meets each budget exactly
+
+    ranks = adalora_effective_ranks(model)
+    assert len(ranks) == N_MATRICES and sum(ranks.values()) == target_total
+    assert len(set(ranks.values())) > 1  # an uneven allocation, not uniform pruning
+    assert adalora_nonzero_ranks(model) == ranks  # the pruned singular values are really zero after training
+
+    record = json.loads((tmp_path / ADALORA_FILE).read_text())
+    assert record["final_budget"] == target_total and record["final_rank_pattern"] == ranks
+    assert (record["target_r"], record["init_r"], record["total_step"]) == (4, 6, STEPS)
+    assert record["history"] == cb.history
+
+
+def test_without_callback_nothing_is_pruned(tmp_path):
+    """The silent trap: a plain Trainer never calls update_and_allocate, so AdaLoRA is a rank-init_r LoRA."""
+    model = tiny_adalora()
+    run(tmp_path, model, [])
+    assert model.peft_config["default"].rank_pattern is None
+    assert adalora_nonzero_ranks(model) == {k: 6 for k in adalora_effective_ranks(model)}
+    assert sum(adalora_effective_ranks(model).values()) == 6 * N_MATRICES
+
+
+def test_works_in_iwtrainer_with_alpha_zero(tmp_path):
+    model = tiny_adalora()
+    cb = AdaLoraCallback()
+    trainer = IWTrainer(model=model, args=make_args(tmp_path, cls=IWTrainingArguments, iw_alpha=0.0),
+                        train_dataset=RandomClassification(n=64), callbacks=[cb])  # fmt: skip
+    trainer.train()
+    assert sum(adalora_effective_ranks(model).values()) == 4 * N_MATRICES
+    assert cb.record["final_budget"] == 4 * N_MATRICES
