@@ -266,6 +266,7 @@ def bench_model(label: str, base: torch.nn.Module, batches: list[dict], args: ar
     methods = build_methods(base, batches, args.tmp)
     steps = {k: make_step(k, *v) for k, v in methods.items()}
     timing = time_methods(steps, batches, args.rounds, args.steps)
+    print(label, json.dumps(timing), flush=True)
     memory = peak_memory(methods, steps, batches)
     lora_ms = timing["lora"]["ms_per_step"]
     result = {

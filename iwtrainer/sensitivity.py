@@ -149,11 +149,12 @@ def _accumulate(accs: list[torch.Tensor], calls: list, grads: tuple) -> None:
             continue
         g2 = g.reshape(-1, g.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
-        dtype = torch.promote_types(g2.dtype, x2.dtype)
-        if dtype == accs[index].dtype:
-            accs[index].addmm_(g2.t(), x2)
-        else:  # bf16/fp16: tensor-core matmul, fp32 accumulation across calls and micro-batches
-            accs[index].add_(torch.mm(g2.t().to(dtype), x2.to(dtype)))
+        half = [t.dtype for t in (g2, x2) if t.dtype in (torch.float16, torch.bfloat16)]
+        if half:  # as autocast computes a weight gradient: half-precision matmul, fp32 sum across calls
+            accs[index].add_(torch.mm(g2.t().to(half[0]), x2.to(half[0])))
+        else:
+            dtype = accs[index].dtype
+            accs[index].addmm_(g2.t().to(dtype), x2.to(dtype))
 
 
 def compute_sensitivities(

@@ -126,3 +126,13 @@ def test_preserved_training_state_restores_rng_and_sampler():
     expected = [b["labels"].tolist() for b in loader]
     assert first == expected
     assert torch.equal(after_rng, torch.rand(1))
+
+
+def test_bf16_autocast_matches_fp32():
+    """Under bf16 autocast (layer outputs bf16, residual inputs fp32) the estimate stays close to fp32."""
+    model = tiny_lora("deberta", init_lora_weights=False)
+    data = batches(RandomClassification(n=32, seed=4), 8)
+    exact = compute_sensitivities(model, data, num_steps=4, show_progress=False)
+    bf16 = compute_sensitivities(model, data, num_steps=4, autocast_dtype=torch.bfloat16, show_progress=False)
+    for name in exact:
+        assert bf16[name] == pytest.approx(exact[name], rel=5e-2), name
