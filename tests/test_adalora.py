@@ -76,8 +76,17 @@ def test_too_short_trainer_run_is_a_clear_error(tmp_path):
 def test_callback_prunes_to_the_target_budget(tmp_path, caplog):
     model = tiny_adalora(total_step=1000)  # deliberately wrong: the callback must fix it from max_steps
     cb = AdaLoraCallback(tinit_frac=0.1, tfinal_frac=0.2)
+    calls, update = [], model.base_model.update_and_allocate
+
+    def spy(step):
+        assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)  # before zero_grad
+        calls.append(step)
+        return update(step)
+
+    model.base_model.update_and_allocate = spy
     with caplog.at_level(logging.INFO, logger="iwtrainer.adalora"):
         run(tmp_path, model, [cb], gradient_accumulation_steps=2, per_device_train_batch_size=4)
+    assert calls == list(range(STEPS))  # once per optimizer step (not per micro-batch), with the 0-based step
     assert "total_step, tinit, tfinal) (1000, 100, 200) -> (30, 3, 6)" in caplog.text
     cfg = model.peft_config["default"]
     assert (cfg.total_step, cfg.tinit, cfg.tfinal) == (STEPS, 3, 6)
