@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import gc
 import json
 import math
 import os
@@ -145,6 +146,8 @@ def time_methods(steps: dict[str, Callable], batches: list[dict], rounds: int, p
         for b in batches[:3]:
             fn(b)
     samples: dict[str, list[float]] = {k: [] for k in steps}
+    gc.collect()
+    gc.disable()  # a collection inside one method's round would be charged to that method
     for r in range(rounds):
         order = list(steps) if r % 2 == 0 else list(reversed(steps))
         for name in order:
@@ -154,9 +157,40 @@ def time_methods(steps: dict[str, Callable], batches: list[dict], rounds: int, p
                 steps[name](batches[i % len(batches)])
             _sync()
             samples[name].append((time.perf_counter() - t0) * 1000 / per_round)
+    gc.enable()
     return {
         k: {"ms_per_step": statistics.median(v), "ms_min": min(v), "ms_max": max(v), "rounds": len(v)}
         for k, v in samples.items()
+    }
+
+
+def paired_ratio(base: Callable, other: Callable, batches: list[dict], pairs: int, block: int) -> dict:
+    """Median over ``pairs`` of time(other)/time(base) for adjacent ``block``-step runs, alternating the order.
+
+    Adjacent blocks share the machine's state of the moment, so host/GPU drift (±15 % between rounds on a
+    shared machine) cancels in each ratio; the median of the ratios resolves differences of about 1 %.
+    """
+    ratios = []
+    gc.collect()
+    gc.disable()
+    for i in range(pairs):
+        times = {}
+        for key, fn in (("base", base), ("other", other)) if i % 2 == 0 else (("other", other), ("base", base)):
+            _sync()
+            t0 = time.perf_counter()
+            for j in range(block):
+                fn(batches[(i * block + j) % len(batches)])
+            _sync()
+            times[key] = time.perf_counter() - t0
+        ratios.append(times["other"] / times["base"])
+    gc.enable()
+    q = statistics.quantiles(ratios, n=4)
+    return {
+        "ratio_median": statistics.median(ratios),
+        "ratio_q1": q[0],
+        "ratio_q3": q[2],
+        "pairs": pairs,
+        "block": block,
     }
 
 
@@ -267,6 +301,12 @@ def bench_model(label: str, base: torch.nn.Module, batches: list[dict], args: ar
     steps = {k: make_step(k, *v) for k, v in methods.items()}
     timing = time_methods(steps, batches, args.rounds, args.steps)
     print(label, json.dumps(timing), flush=True)
+    paired = {
+        k: paired_ratio(steps["lora"], steps[k], batches, args.pairs, args.block)
+        for k in ("iw_lora", "iw_lora_autograd")
+        if args.pairs
+    }
+    print(label, "paired", json.dumps(paired), flush=True)
     memory = peak_memory(methods, steps, batches)
     lora_ms = timing["lora"]["ms_per_step"]
     result = {
@@ -274,6 +314,7 @@ def bench_model(label: str, base: torch.nn.Module, batches: list[dict], args: ar
         "lora_matrices": len(_targets(base)) * base.config.num_hidden_layers,
         "batch": batches[0]["input_ids"].shape[0],
         "seq": batches[0]["input_ids"].shape[1],
+        "paired_vs_lora": paired,
         "methods": {
             k: {
                 **timing[k],
@@ -310,6 +351,11 @@ def to_markdown(results: dict) -> str:
             lines.append(
                 f"| {k} | {m['ms_per_step']:.2f} | {m['ratio_vs_lora']:.3f} | {m['ms_min']:.2f}–{m['ms_max']:.2f} "
                 f"| {peak} | {m['trainable_params']:,} |"
+            )
+        for k, v in r.get("paired_vs_lora", {}).items():
+            lines.append(
+                f"\nPaired {k} / lora: **{v['ratio_median']:.4f}×** (median of {v['pairs']} adjacent "
+                f"{v['block']}-step blocks, interquartile {v['ratio_q1']:.4f}–{v['ratio_q3']:.4f})."
             )
         if "calibration" in r:
             c = r["calibration"]
@@ -355,6 +401,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=30, help="steps per method per round")
+    p.add_argument("--pairs", type=int, default=60, help="adjacent LoRA/IW-LoRA block pairs (0: skip)")
+    p.add_argument("--block", type=int, default=5, help="steps per block in the paired measurement")
     p.add_argument("--calib_steps", type=int, default=150)
     p.add_argument("--stability", default="8,16,32,64,100", help="calibration batch counts to compare with 150")
     p.add_argument("--out", default="benchmarks/results")
