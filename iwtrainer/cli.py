@@ -7,13 +7,14 @@ orchestrates: parse -> validate and load (no output written) -> train / evaluate
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,11 @@ ADAPTERS = ("lora", "adalora", "full", "wsa")
 NON_IW_ADAPTERS = ("adalora", "full", "wsa")  # no plain LoRA factors B·A, so the IW penalty has nothing to weight
 RANK_ALLOCATIONS = ("none", "gradnorm")
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+USER_ERRORS: tuple[type[BaseException], ...] = (GlueDataError, ValueError, OSError, NotImplementedError)
+"""Errors of the setup phase that are the user's input, reported as one line without a traceback."""
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _REGEX_CHARS = set("*+?[](){}|^$\\")
+_REMAPPED = "_iw_label_id"
 
 
 # ---- arguments ---------------------------------------------------------------------------------------------------
@@ -140,6 +144,22 @@ class DataTrainingArguments:
                 raise ValueError(f"--{flag} must be a positive integer, got {value}")
 
 
+class _TargetModulesAction(argparse.Action):
+    """``--lora_target_modules a b --lora_target_modules c`` -> ``[a, b, c]``.
+
+    The first use on a command line *replaces* the default (which may come from a config file), later uses extend:
+    argparse's own ``extend`` action would append to a config file's list instead of overriding it.
+    """
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string=None
+    ):
+        seen = getattr(self, "_seen_in", None) is namespace
+        current = list(getattr(namespace, self.dest) or []) if seen else []
+        self._seen_in = namespace
+        setattr(namespace, self.dest, current + list(values))
+
+
 @dataclass
 class AdapterArguments:
     """Which parameters are trained: LoRA / IW-LoRA, AdaLoRA, full fine-tuning or WSA."""
@@ -167,7 +187,7 @@ class AdapterArguments:
             "values (repeating the flag adds to the list); a single value with regex characters is a regex matched "
             "against the full module name. Default: every nn.Linear/Conv1D inside the transformer blocks "
             "(e.g. 6 per layer for BERT/DeBERTa), never the classification head or pooler.",
-            "action": "_TargetModulesAction",  # replaced by the class below in build_parser()
+            "action": _TargetModulesAction,
         },
     )
     wsa_r_init: int = field(default=16, metadata={"help": "WSA: top singular directions trained per matrix."})
@@ -188,7 +208,9 @@ class AdapterArguments:
         if self.adapter not in ADAPTERS:
             raise ValueError(f"--adapter must be one of {list(ADAPTERS)}, got {self.adapter!r}")
         if self.rank_allocation not in RANK_ALLOCATIONS:
-            raise ValueError(f"--rank_allocation must be one of {list(RANK_ALLOCATIONS)}, got {self.rank_allocation!r}")
+            raise ValueError(
+                f"--rank_allocation must be one of {list(RANK_ALLOCATIONS)}, got {self.rank_allocation!r}"
+            )
         if self.lora_target_modules is not None:
             self.lora_target_modules = split_names(self.lora_target_modules, "--lora_target_modules")
         if self.lora_r < 1:
@@ -220,20 +242,6 @@ def _is_regex(text: str) -> bool:
     return any(c in _REGEX_CHARS for c in text)
 
 
-class _TargetModulesAction(argparse.Action):
-    """``--lora_target_modules a b --lora_target_modules c`` -> ``[a, b, c]``.
-
-    The first use on a command line *replaces* the default (which may come from a config file), later uses extend:
-    argparse's own ``extend`` action would append to a config file's list instead of overriding it.
-    """
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string=None):
-        seen = getattr(self, "_seen_in", None) is namespace
-        current = list(getattr(namespace, self.dest) or []) if seen else []
-        self._seen_in = namespace
-        setattr(namespace, self.dest, current + list(values))
-
-
 ArgsTuple = tuple[ModelArguments, DataTrainingArguments, AdapterArguments, IWTrainingArguments]
 
 
@@ -241,9 +249,6 @@ def build_parser() -> Any:
     """``HfArgumentParser((ModelArguments, DataTrainingArguments, AdapterArguments, IWTrainingArguments))``."""
     from transformers import HfArgumentParser
 
-    for f in AdapterArguments.__dataclass_fields__.values():
-        if f.metadata.get("action") == "_TargetModulesAction":
-            f.metadata = {**f.metadata, "action": _TargetModulesAction}  # a class object cannot be a field default
     return HfArgumentParser((ModelArguments, DataTrainingArguments, AdapterArguments, IWTrainingArguments))
 
 
@@ -330,7 +335,9 @@ def resolve_iw_alpha(adapter_args: AdapterArguments, training_args: IWTrainingAr
             f"--iw_alpha {training_args.iw_alpha:g} needs LoRA factors (--adapter lora); --adapter "
             f"{adapter_args.adapter} has none to weight: pass --iw_alpha 0 or leave it out (it then defaults to 0)"
         )
-    logger.info("--adapter %s: --iw_alpha defaults to 0 (the IW penalty is defined on LoRA factors)", adapter_args.adapter)
+    logger.info(
+        "--adapter %s: --iw_alpha defaults to 0 (the IW penalty is defined on LoRA factors)", adapter_args.adapter
+    )
     training_args.iw_alpha = 0.0
 
 
@@ -392,7 +399,9 @@ def load_task_data(
         for flag, path in (("train_file", data_args.train_file), ("validation_file", data_args.validation_file)):
             if not os.path.isfile(path):
                 raise ValueError(f"--{flag} {path!r} does not exist")
-        raw = load_dataset(_file_extension(data_args.train_file), data_files=data_files, cache_dir=model_args.cache_dir)
+        raw = load_dataset(
+            _file_extension(data_args.train_file), data_files=data_files, cache_dir=model_args.cache_dir
+        )
         source = "--train_file/--validation_file"
 
     if task is not None:
@@ -460,35 +469,34 @@ def select_splits(
 
 
 def label_mapping(model: nn.Module, data: TaskData, data_args: DataTrainingArguments) -> dict[Any, int] | None:
-    """Dataset label -> model output index, respecting a checkpoint's own ``label2id`` (as run_glue.py)."""
+    """Dataset label -> model output index (``None``: labels are already indices), as run_glue.py.
+
+    A checkpoint fine-tuned with its own ``label2id`` (e.g. an MNLI model) keeps its output order; the model config
+    is given the dataset's label names either way.
+    """
     from transformers import PretrainedConfig
 
     if data.is_regression:
         return None
-    label_list = data.label_list or []
-    label_to_id = None
-    if data_args.task_name is not None:
-        default = PretrainedConfig(num_labels=data.num_labels).label2id
-        if model.config.label2id != default:
-            by_name = {str(k).lower(): v for k, v in model.config.label2id.items()}
-            if sorted(by_name) == sorted(label_list):
-                label_to_id = {i: int(by_name[label_list[i]]) for i in range(len(label_list))}
-            else:
-                logger.warning(
-                    "The model's labels %s do not match the dataset's %s; ignoring the model's labels.",
-                    sorted(by_name),
-                    sorted(label_list),
-                )
-        if label_to_id is None:
-            model.config.label2id = {name: i for i, name in enumerate(label_list)}
-            model.config.id2label = dict(enumerate(label_list))
-            return None  # hub/TSV GLUE labels are already class indices in this order
-    else:
+    label_list = list(data.label_list or [])
+    label_to_id: dict[Any, int] | None = None
+    if data_args.task_name is None:
         label_to_id = {v: i for i, v in enumerate(label_list)}
-    model.config.label2id = {str(k): v for k, v in label_to_id.items()} if data_args.task_name is None else {
-        label_list[i]: j for i, j in label_to_id.items()
-    }
-    model.config.id2label = {v: k for k, v in model.config.label2id.items()}
+        names = {str(v): i for i, v in enumerate(label_list)}
+    elif model.config.label2id != PretrainedConfig(num_labels=data.num_labels).label2id:
+        by_name = {str(k).lower(): int(v) for k, v in model.config.label2id.items()}
+        if sorted(by_name) == sorted(label_list):
+            label_to_id = {i: by_name[name] for i, name in enumerate(label_list)}
+        else:
+            logger.warning(
+                "The model's labels %s do not match the dataset's %s; ignoring the model's labels.",
+                sorted(by_name),
+                sorted(label_list),
+            )
+    if data_args.task_name is not None:
+        names = {name: (label_to_id[i] if label_to_id else i) for i, name in enumerate(label_list)}
+    model.config.label2id = names
+    model.config.id2label = {i: name for name, i in names.items()}
     return label_to_id
 
 
@@ -516,25 +524,23 @@ def tokenize_splits(
         texts = (examples[key1],) if key2 is None else (examples[key1], examples[key2])
         result = tokenizer(*texts, padding=padding, max_length=max_len, truncation=True)
         if label_to_id is not None and "label" in examples:
-            result["label"] = [label_to_id[label] if label != -1 else -1 for label in examples["label"]]
+            result[_REMAPPED] = [label_to_id[label] if label != -1 else -1 for label in examples["label"]]
         return result
 
-    out: dict[str, list[tuple[str, Any]]] = {}
+    def encode(ds: Any, kind: str) -> Any:
+        remap = label_to_id is not None and "label" in ds.column_names
+        ds = ds.map(
+            preprocess,
+            batched=True,
+            # datasets keeps an overwritten column's old (string) type, so new ids go to a fresh column first.
+            remove_columns=["label"] if remap else None,
+            load_from_cache_file=not data_args.overwrite_cache,
+            desc=f"Running tokenizer on {kind} dataset",
+        )
+        return ds.rename_column(_REMAPPED, "label") if remap else ds
+
     with training_args.main_process_first(desc="dataset map pre-processing"):
-        for kind, items in splits.items():
-            out[kind] = [
-                (
-                    name,
-                    ds.map(
-                        preprocess,
-                        batched=True,
-                        load_from_cache_file=not data_args.overwrite_cache,
-                        desc=f"Running tokenizer on {kind} dataset",
-                    ),
-                )
-                for name, ds in items
-            ]
-    return out
+        return {kind: [(name, encode(ds, kind)) for name, ds in items] for kind, items in splits.items()}
 
 
 def make_compute_metrics(task_name: str | None, is_regression: bool) -> Callable[[Any], dict[str, float]]:
@@ -555,7 +561,9 @@ def make_compute_metrics(task_name: str | None, is_regression: bool) -> Callable
 # ---- model -------------------------------------------------------------------------------------------------------
 def _looks_local(name: str) -> bool:
     """A hub id is ``name`` or ``org/name``; anything path-like is meant as a local folder."""
-    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    return (
+        os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    )
 
 
 def check_model_paths(model_args: ModelArguments) -> None:
@@ -584,23 +592,44 @@ def load_model_and_tokenizer(
     }
     name = model_args.model_name_or_path
     try:
-        flag, value = ("config_name", model_args.config_name) if model_args.config_name else ("model_name_or_path", name)
+        flag, value = (
+            ("config_name", model_args.config_name) if model_args.config_name else ("model_name_or_path", name)
+        )
         config = AutoConfig.from_pretrained(value, num_labels=data.num_labels, finetuning_task=task_name, **common)
         flag, value = (
-            ("tokenizer_name", model_args.tokenizer_name) if model_args.tokenizer_name else ("model_name_or_path", name)
+            ("tokenizer_name", model_args.tokenizer_name)
+            if model_args.tokenizer_name
+            else ("model_name_or_path", name)
         )
         tokenizer = AutoTokenizer.from_pretrained(value, use_fast=model_args.use_fast_tokenizer, **common)
         flag, value = "model_name_or_path", name
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            name,
-            config=config,
-            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-            output_loading_info=True,
-            **common,
-        )
+        with _quiet_local_load(name):
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                name,
+                config=config,
+                ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+                output_loading_info=True,
+                **common,
+            )
     except OSError as exc:
         raise OSError(f"--{flag} {value!r}: {one_line(exc)}") from exc
     return tokenizer, model, sorted(info.get("missing_keys", ()))
+
+
+@contextlib.contextmanager
+def _quiet_local_load(name: str) -> Iterator[None]:
+    """No "Loading weights" progress bar for a local folder (instant, and it would clutter stderr); downloads keep
+    theirs."""
+    from transformers.utils import logging as hf_logging
+
+    quiet = os.path.isdir(os.path.expanduser(name)) and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
 
 
 def _linear_types() -> tuple[type, ...]:
@@ -616,10 +645,11 @@ def _under(name: str, prefixes: Iterable[str]) -> bool:
 def find_head_modules(model: nn.Module, missing_keys: Iterable[str] = ()) -> list[str]:
     """Modules trained in full beside the adapter: the task head and anything the checkpoint did not provide.
 
-    The head is every top-level child with parameters that is not the backbone (``model.base_model_prefix``):
-    ``classifier`` (BERT), ``pooler`` + ``classifier`` (DeBERTa), ``score`` (GPT-2), ``pre_classifier`` +
-    ``classifier`` (DistilBERT). Modules whose parameters were missing from the checkpoint (newly initialised) are
-    added: a frozen random layer could never learn.
+    The head is every top-level child with parameters that is not the backbone (``model.base_model_prefix``) plus
+    the backbone's ``pooler`` when it has one: ``bert.pooler`` + ``classifier`` (BERT), ``pooler`` + ``classifier``
+    (DeBERTa), ``classifier`` (RoBERTa), ``score`` (GPT-2), ``pre_classifier`` + ``classifier`` (DistilBERT). Modules
+    whose parameters were missing from the checkpoint (newly initialised) are added: a frozen random layer could
+    never learn.
     """
     base = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
     heads: list[str] = []
@@ -627,6 +657,11 @@ def find_head_modules(model: nn.Module, missing_keys: Iterable[str] = ()) -> lis
         for name, child in model.named_children():
             if child is not base and next(child.parameters(), None) is not None:
                 heads.append(name)
+        # The backbone's own pooler (BERT: bert.pooler) only feeds the classifier: it is part of the task head.
+        pooler = getattr(base, "pooler", None)
+        prefix = next((n for n, child in model.named_children() if child is base), None)
+        if isinstance(pooler, nn.Module) and prefix and next(pooler.parameters(), None) is not None:
+            heads.append(f"{prefix}.pooler")
     params = dict(model.named_parameters())
     for key in missing_keys:
         owner = key.rpartition(".")[0]

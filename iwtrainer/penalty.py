@@ -46,6 +46,7 @@ class IWPenalty:
                 "file was computed for a different model or target_modules"
             )
         self.form = form
+        self._w2_cache: dict[tuple[int, float], torch.Tensor] = {}
         self.names = [t.name for t in targets]
         groups: dict[tuple, list[LoraTarget]] = {}
         for t in targets:
@@ -86,33 +87,48 @@ class IWPenalty:
         """Add ``scale · ∇P`` to every factor's ``.grad`` without autograd and return ``P`` (detached).
 
         Closed-form gradients of ``c‖BA‖_F²``: ``∂/∂A = 2c (BᵀB) A`` and ``∂/∂B = 2c B (AAᵀ)``; for ``factors``:
-        ``2cA`` and ``2cB``. One fused ``_foreach_add_`` per shape group replaces the per-parameter gradient
-        accumulation nodes autograd would add (two per target), which dominates the cost on small models.
-        ``.grad`` accumulates, so calling this before or after the task loss's backward gives the same sum.
+        ``2cA`` and ``2cB``. About ten kernels per shape group, instead of the two gradient-accumulation nodes
+        per factor that autograd would add, which dominate the cost on small models. ``.grad`` accumulates, so
+        calling this before or after the task loss's backward gives the same sum.
         """
         total = None
-        for a_list, b_list, weight in self._groups:
+        for index, (a_list, b_list, weight) in enumerate(self._groups):
             a, b = _at_least_fp32(torch.stack(a_list)), _at_least_fp32(torch.stack(b_list))
-            w = weight.to(a.dtype)
+            w2 = self._doubled_weight(index, weight, scale)  # 2·scale·c_k·s_k², shaped (n, 1, 1)
             if self.form == "delta":
                 gram_a, gram_b = a @ a.mT, b.mT @ b
-                term = torch.einsum("nij,nij,n->", gram_a, gram_b, w)
-                coef = (2 * w * scale).view(-1, 1, 1)
-                d_a, d_b = coef * (gram_b @ a), coef * (b @ gram_a)
+                gbw = gram_b * w2
+                d_a, d_b = gbw @ a, b @ (gram_a * w2)
+                term = (gram_a * gbw).sum()  # 2·scale·Σ c s² ‖BA‖²
             else:
-                term = torch.dot(a.square().sum((1, 2)) + b.square().sum((1, 2)), w)
-                coef = (2 * w * scale).view(-1, 1, 1)
-                d_a, d_b = coef * a, coef * b
-            for params, grads in ((a_list, d_a), (b_list, d_b)):
-                grads = grads.to(params[0].dtype).unbind(0)
-                missing = {i for i, p in enumerate(params) if p.grad is None}
-                for i in missing:
-                    params[i].grad = grads[i].clone()
-                rest = [i for i in range(len(params)) if i not in missing]
-                if rest:
-                    torch._foreach_add_([params[i].grad for i in rest], [grads[i] for i in rest])
+                d_a, d_b = a * w2, b * w2
+                term = (d_a * a).sum() + (d_b * b).sum()
+            _accumulate_grads(a_list, d_a)
+            _accumulate_grads(b_list, d_b)
             total = term if total is None else total + term
-        return total
+        return total / (2 * scale)
+
+    def _doubled_weight(self, index: int, weight: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+        if torch.is_tensor(scale):  # fp16 loss scale: changes between steps
+            return (weight * (2 * scale)).view(-1, 1, 1)
+        key = (index, float(scale))
+        if key not in self._w2_cache:  # α/ga is fixed for a run: build once
+            self._w2_cache[key] = (weight * (2 * scale)).view(-1, 1, 1)
+        return self._w2_cache[key]
+
+
+def _accumulate_grads(params: list[nn.Parameter], grads: torch.Tensor) -> None:
+    """``p.grad += g`` for stacked ``grads``; a missing ``.grad`` becomes a view of the stack (no copy kernel)."""
+    grads = grads.to(params[0].dtype).unbind(0)
+    existing = [i for i, p in enumerate(params) if p.grad is not None]
+    if len(existing) == len(params):
+        torch._foreach_add_([p.grad for p in params], grads)
+        return
+    for i, p in enumerate(params):
+        if p.grad is None:
+            p.grad = grads[i]
+    if existing:
+        torch._foreach_add_([params[i].grad for i in existing], [grads[i] for i in existing])
 
 
 def iw_penalty(

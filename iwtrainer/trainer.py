@@ -136,7 +136,8 @@ class IWTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        terms: dict[str, torch.Tensor] = {}
+        # name -> (value, coefficient): the term added to the training loss is coefficient·value.
+        terms: dict[str, tuple[torch.Tensor, float]] = {}
         ga = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         if model.training and torch.is_grad_enabled():
             if self.iw_active:
@@ -144,21 +145,22 @@ class IWTrainer(Trainer):
                 if self.penalty_backend == "grad":
                     # α∇P/ga straight into .grad (it accumulates with the task gradient of the coming backward);
                     # the detached value below only makes the reported loss the full objective.
-                    terms["iw_penalty"] = self.args.iw_alpha * penalty.add_grad_(self._grad_scale(ga))
+                    terms["iw_penalty"] = (penalty.add_grad_(self._grad_scale(ga)), self.args.iw_alpha)
                 else:
-                    terms["iw_penalty"] = self.args.iw_alpha * penalty()
+                    terms["iw_penalty"] = (penalty(), self.args.iw_alpha)
             for name, fn in self.regularizers.items():
-                terms[name] = fn(model)
+                terms[name] = (fn(model), 1.0)
         if not terms:
             return (loss, outputs) if return_outputs else loss
         divides = self._trainer_divides_by_ga(num_items_in_batch)
-        self._iw_track("loss_task", loss.detach().mean() / (ga if divides else 1))
+        task = loss.detach() if loss.dim() == 0 else loss.detach().mean()
+        self._iw_track("loss_task", task, 1 / ga if divides else 1.0)
         total = loss
-        for name, value in terms.items():
+        for name, (value, coef) in terms.items():
             # Per optimizer step each term must contribute its gradient once: each of the `ga` micro-batches
-            # carries value/ga after the Trainer's own division (or ours, when the Trainer will not divide).
-            total = total + (value if divides else value / ga)
-            self._iw_track(name, value.detach() / ga)
+            # carries coef·value/ga after the Trainer's own division (or ours, when the Trainer will not divide).
+            total = torch.add(total, value, alpha=coef if divides else coef / ga)
+            self._iw_track(name, value.detach(), coef / ga)
         return (total, outputs) if return_outputs else total
 
     def _grad_scale(self, ga: int) -> float | torch.Tensor:
@@ -170,9 +172,13 @@ class IWTrainer(Trainer):
             scale = scale * (current if current is not None else scaler.get_scale())
         return scale
 
-    def _iw_track(self, key: str, value: torch.Tensor) -> None:
+    def _iw_track(self, key: str, value: torch.Tensor, weight: float) -> None:
+        """Accumulate ``weight·value`` on device for the next log (one in-place kernel, no host sync)."""
         acc = self._iw_logs.get(key)
-        self._iw_logs[key] = value.float() if acc is None else acc + value.float()
+        if acc is None:
+            self._iw_logs[key] = value.float() * weight
+        else:
+            acc.add_(value, alpha=weight)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._iw_logs:

@@ -1,0 +1,258 @@
+#!/usr/bin/env python
+"""Fine-tune a sequence classifier on GLUE with IW-LoRA, LoRA, full fine-tuning or WSA (transformers' run_glue.py).
+
+    python run_glue_iw.py configs/quickstart.yaml --model_name_or_path MODEL_DIR --glue_dir GLUE_DIR
+    python run_glue_iw.py --model_name_or_path microsoft/deberta-v3-base --task_name mnli --do_train --do_eval \\
+        --output_dir out --iw_alpha 1e-4
+    accelerate launch run_glue_iw.py configs/deberta_rte_iwlora.yaml
+
+A YAML/JSON file as first argument gives the flags' values; flags after it override them. Outputs are those of
+run_glue.py (all_results.json, train/eval_results.json, trainer_state.json, predict_results_<task>.txt) plus
+iw_importance.json (IW calibration), wsa_ranks.json (WSA), and in all_results.json: adapter, trainable_params,
+train_ms_per_step and, on CUDA, peak_gpu_mem_mb. Bad input exits non-zero with one line on stderr, before anything
+is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+import transformers
+from transformers import DataCollatorWithPadding, default_data_collator, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from iwtrainer import IWTrainer
+from iwtrainer.cli import (
+    USER_ERRORS,
+    AdapterArguments,
+    AdapterSetup,
+    DataTrainingArguments,
+    ModelArguments,
+    TaskData,
+    build_adapter,
+    count_trainable_parameters,
+    label_mapping,
+    load_model_and_tokenizer,
+    load_task_data,
+    make_compute_metrics,
+    one_line,
+    parse_args,
+    select_splits,
+    tokenize_splits,
+)
+from iwtrainer.training_args import IWTrainingArguments
+
+logger = logging.getLogger(__name__)
+PROG = "run_glue_iw.py"
+
+
+@dataclass
+class Run:
+    """Everything validated and loaded before the first file is written."""
+
+    model_args: ModelArguments
+    data_args: DataTrainingArguments
+    adapter_args: AdapterArguments
+    training_args: IWTrainingArguments
+    data: TaskData
+    splits: dict[str, list[tuple[str, Any]]]
+    tokenizer: Any
+    setup: AdapterSetup
+
+
+def setup_logging(training_args: IWTrainingArguments) -> None:
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    logging.getLogger("iwtrainer").setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    # transformers' records go through the stdout handler above like this script's: stderr is left to progress
+    # bars and to the one-line error of bad input.
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+
+
+def prepare(argv: list[str] | None) -> Run:
+    """Parse, load and check data, model and adapter targets; writes nothing (errors here are the user's)."""
+    model_args, data_args, adapter_args, training_args = parse_args(argv)
+    setup_logging(training_args)
+    logger.warning(
+        "Process rank: %s, device: %s, n_gpu: %s, distributed training: %s, 16-bits training: %s",
+        training_args.local_process_index,
+        training_args.device,
+        training_args.n_gpu,
+        training_args.world_size > 1,
+        training_args.fp16,
+    )
+    logger.info("Training/evaluation parameters %s", training_args)
+    set_seed(training_args.seed)  # before the head is initialised
+
+    data = load_task_data(data_args, model_args, training_args)
+    splits = select_splits(data, data_args, training_args)
+    tokenizer, model, missing = load_model_and_tokenizer(model_args, data, data_args.task_name)
+    label_to_id = label_mapping(model, data, data_args)
+    setup = build_adapter(model, adapter_args, training_args, missing)
+    splits = tokenize_splits(splits, data, tokenizer, label_to_id, data_args, training_args)
+    return Run(model_args, data_args, adapter_args, training_args, data, splits, tokenizer, setup)
+
+
+def train_and_evaluate(run: Run) -> None:
+    """Train / evaluate / predict; the metrics files are written at the very end."""
+    args, data_args = run.training_args, run.data_args
+    model = run.setup.model
+    trainable = count_trainable_parameters(model)
+    logger.info(
+        "adapter %s: %d trainable parameters, %d adapted matrices, trained in full: %s",
+        run.setup.adapter,
+        trainable,
+        len(run.setup.target_names),
+        run.setup.head_names,
+    )
+    if data_args.pad_to_max_length:
+        collator = default_data_collator
+    elif args.fp16:
+        collator = DataCollatorWithPadding(run.tokenizer, pad_to_multiple_of=8)
+    else:
+        collator = None
+    train_dataset = run.splits["train"][0][1] if run.splits["train"] else None
+    eval_dataset = run.splits["eval"][0][1] if run.splits["eval"] else None
+    trainer = IWTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        compute_metrics=make_compute_metrics(data_args.task_name, run.data.is_regression),
+        processing_class=run.tokenizer,
+        data_collator=collator,
+        callbacks=run.setup.callbacks or None,
+        regularizers=run.setup.regularizers,
+    )
+    results: list[tuple[str, dict[str, Any]]] = []
+
+    if args.do_train:
+        checkpoint = args.resume_from_checkpoint
+        if checkpoint is None and os.path.isdir(args.output_dir):
+            checkpoint = get_last_checkpoint(args.output_dir)
+            if checkpoint is not None:
+                logger.info("Checkpoint detected, resuming training at %s", checkpoint)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        metrics = dict(train_result.metrics)
+        metrics["train_samples"] = len(train_dataset)
+        metrics["train_ms_per_step"] = metrics["train_runtime"] / max(1, trainer.state.global_step) * 1000.0
+        if torch.cuda.is_available():
+            metrics["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        if run.setup.adapter == "wsa":
+            save_wsa_outputs(trainer, run)  # prunes: evaluation below sees the pruned (saved) model
+        else:
+            trainer.save_model()  # adapter (+ head) for LoRA, the whole model for full fine-tuning; tokenizer too
+        trainer.log_metrics("train", metrics)
+        results.append(("train", metrics))
+
+    if args.do_eval:
+        logger.info("*** Evaluate ***")
+        combined: dict[str, Any] = {}
+        for task, dataset in run.splits["eval"]:
+            metrics = trainer.evaluate(eval_dataset=dataset)
+            metrics["eval_samples"] = len(dataset)
+            if task == "mnli-mm":
+                metrics = {f"{k}_mm": v for k, v in metrics.items()}
+            trainer.log_metrics("eval", metrics)
+            combined.update(metrics)
+        results.append(("eval", combined))
+
+    if args.do_predict:
+        logger.info("*** Predict ***")
+        for task, dataset in run.splits["predict"]:
+            if "label" in dataset.column_names:
+                dataset = dataset.remove_columns("label")  # test labels are -1
+            predictions = trainer.predict(dataset, metric_key_prefix="predict").predictions
+            predictions = predictions[0] if isinstance(predictions, tuple) else predictions
+            predictions = np.squeeze(predictions) if run.data.is_regression else np.argmax(predictions, axis=1)
+            if trainer.is_world_process_zero():
+                path = os.path.join(args.output_dir, f"predict_results_{task}.txt")
+                with open(path, "w") as writer:
+                    logger.info("***** Predict results %s *****", task)
+                    writer.write("index\tprediction\n")
+                    for index, item in enumerate(np.atleast_1d(predictions)):
+                        if run.data.is_regression:
+                            writer.write(f"{index}\t{item:3.3f}\n")
+                        else:
+                            writer.write(f"{index}\t{run.data.label_list[item]}\n")
+
+    for split, metrics in results:
+        trainer.save_metrics(split, metrics)
+    if args.do_train:
+        trainer.save_state()
+    if results and trainer.is_world_process_zero():
+        path = os.path.join(args.output_dir, "all_results.json")
+        with open(path) as handle:
+            merged = json.load(handle)
+        merged.update(adapter=run.setup.adapter, trainable_params=trainable)
+        with open(path, "w") as handle:
+            json.dump(merged, handle, indent=4, sort_keys=True)
+    if args.push_to_hub:
+        kwargs = {"finetuned_from": run.model_args.model_name_or_path, "tasks": "text-classification"}
+        if data_args.task_name is not None:
+            kwargs.update(
+                language="en",
+                dataset_tags="glue",
+                dataset_args=data_args.task_name,
+                dataset=f"GLUE {data_args.task_name.upper()}",
+            )
+        trainer.push_to_hub(**kwargs)
+
+
+def save_wsa_outputs(trainer: IWTrainer, run: Run) -> None:
+    """Prune WSA directions with |tanh(s)| < τ, then write wsa_ranks.json and the WSA state (every rank prunes)."""
+    from iwtrainer.wsa import prune_wsa, save_wsa, save_wsa_ranks
+
+    config = run.setup.wsa_config
+    report = prune_wsa(run.setup.model, config.prune_threshold)
+    total_init = sum(r["r_init"] for r in report.values())
+    total_eff = sum(r["r_eff"] for r in report.values())
+    logger.info(
+        "WSA pruning (tau=%g): rank %d -> %d over %d matrices",
+        config.prune_threshold,
+        total_init,
+        total_eff,
+        len(report),
+    )
+    if trainer.is_world_process_zero():
+        out = run.training_args.output_dir
+        save_wsa_ranks(report, os.path.join(out, "wsa_ranks.json"))
+        save_wsa(run.setup.model, out, config)
+        run.tokenizer.save_pretrained(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point; bad input ends the process with ``run_glue_iw.py: error: <one line>`` and exit status 1."""
+    try:
+        run = prepare(argv)
+    except USER_ERRORS as exc:
+        logger.debug("setup failed", exc_info=True)  # the traceback, for --log_level debug
+        sys.exit(f"{PROG}: error: {one_line(exc)}")
+    train_and_evaluate(run)
+
+
+def _mp_fn(index: int) -> None:
+    """For xla_spawn (TPUs), as run_glue.py."""
+    main()
+
+
+if __name__ == "__main__":
+    main()
