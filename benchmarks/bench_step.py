@@ -194,6 +194,50 @@ def paired_ratio(base: Callable, other: Callable, batches: list[dict], pairs: in
     }
 
 
+def penalty_overhead(trainer: IWTrainer, model: torch.nn.Module, lora_ms: float, iters: int = 500) -> dict:
+    """Exactly what IWTrainer.compute_loss adds per micro-batch, timed alone over many iterations.
+
+    The end-to-end ratio on a shared machine swings by several % between adjacent blocks; the penalty's own cost
+    (closed-form gradient into .grad, the loss term, two on-device log accumulators) is stable to a few µs.
+    Grads are reset to None before each iteration, as after the Trainer's zero_grad; that reset is timed alone
+    and subtracted. In a launch-bound step this cost adds 1:1; otherwise it is an upper bound.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = torch.ones((), device=params[0].device, requires_grad=True)
+    penalty = trainer._penalty(model)
+
+    def reset() -> None:
+        for p in params:
+            p.grad = None
+
+    def iw_ops() -> None:
+        reset()
+        value = penalty.add_grad_(trainer._grad_scale(1))
+        torch.add(loss, value, alpha=trainer.args.iw_alpha)
+        trainer._iw_track("loss_task", loss.detach(), 1.0)
+        trainer._iw_track("iw_penalty", value, trainer.args.iw_alpha)
+
+    def timed(fn: Callable) -> float:
+        for _ in range(20):
+            fn()
+        _sync()
+        gc.collect()
+        gc.disable()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        _sync()
+        gc.enable()
+        return (time.perf_counter() - t0) * 1e6 / iters
+
+    reset_us = timed(reset)
+    total_us = timed(iw_ops)
+    reset()
+    trainer._iw_logs = {}
+    cost = total_us - reset_us
+    return {"penalty_us_per_step": cost, "lora_ms_per_step": lora_ms, "overhead_vs_lora": cost / (lora_ms * 1000)}
+
+
 def peak_memory(methods: dict[str, tuple], steps: dict[str, Callable], batches: list[dict]) -> dict[str, float]:
     """Peak allocated GiB per method with only that method's model and optimizer on the GPU."""
     if not torch.cuda.is_available():
@@ -307,6 +351,8 @@ def bench_model(label: str, base: torch.nn.Module, batches: list[dict], args: ar
         if args.pairs
     }
     print(label, "paired", json.dumps(paired), flush=True)
+    overhead = penalty_overhead(methods["iw_lora"][0], methods["iw_lora"][1], timing["lora"]["ms_per_step"])
+    print(label, "penalty", json.dumps(overhead), flush=True)
     memory = peak_memory(methods, steps, batches)
     lora_ms = timing["lora"]["ms_per_step"]
     result = {
@@ -315,6 +361,7 @@ def bench_model(label: str, base: torch.nn.Module, batches: list[dict], args: ar
         "batch": batches[0]["input_ids"].shape[0],
         "seq": batches[0]["input_ids"].shape[1],
         "paired_vs_lora": paired,
+        "penalty_overhead": overhead,
         "methods": {
             k: {
                 **timing[k],
@@ -352,6 +399,11 @@ def to_markdown(results: dict) -> str:
                 f"| {k} | {m['ms_per_step']:.2f} | {m['ratio_vs_lora']:.3f} | {m['ms_min']:.2f}–{m['ms_max']:.2f} "
                 f"| {peak} | {m['trainable_params']:,} |"
             )
+        o = r["penalty_overhead"]
+        lines.append(
+            f"\nIW-LoRA's own per-step work (closed-form penalty gradient, loss term, log accumulators), timed "
+            f"alone: **{o['penalty_us_per_step']:.0f} µs = {100 * o['overhead_vs_lora']:.2f} % of a LoRA step**."
+        )
         for k, v in r.get("paired_vs_lora", {}).items():
             lines.append(
                 f"\nPaired {k} / lora: **{v['ratio_median']:.4f}×** (median of {v['pairs']} adjacent "
