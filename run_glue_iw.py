@@ -9,7 +9,7 @@
 A YAML/JSON file as first argument gives the flags' values; flags after it override them. Outputs are those of
 run_glue.py (all_results.json, train/eval_results.json, trainer_state.json, predict_results_<task>.txt) plus
 iw_importance.json (IW calibration), wsa_ranks.json (WSA), and in all_results.json: adapter, trainable_params,
-train_ms_per_step and, on CUDA, peak_gpu_mem_mb. Bad input exits non-zero with one line on stderr, before anything
+train_ms_per_step and, on CUDA, peak_gpu_memory_mb. Bad input exits non-zero with one line on stderr, before anything
 is written.
 """
 
@@ -48,6 +48,7 @@ from iwtrainer.cli import (
     select_splits,
     tokenize_splits,
 )
+from iwtrainer.hpo import BackendNotInstalled, check_search, run_glue_search, search_space, split_hpo_args
 from iwtrainer.training_args import IWTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def train_and_evaluate(run: Run) -> None:
         metrics["train_samples"] = len(train_dataset)
         metrics["train_ms_per_step"] = metrics["train_runtime"] / max(1, trainer.state.global_step) * 1000.0
         if torch.cuda.is_available():
-            metrics["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            metrics["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         if run.setup.adapter == "wsa":
             save_wsa_outputs(trainer, run)  # prunes: evaluation below sees the pruned (saved) model
         else:
@@ -240,12 +241,24 @@ def save_wsa_outputs(trainer: IWTrainer, run: Run) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point; bad input ends the process with ``run_glue_iw.py: error: <one line>`` and exit status 1."""
+    """Entry point; bad input ends the process with ``run_glue_iw.py: error: <one line>`` and exit status 1.
+
+    With ``--hpo_trials N`` (and --do_train --do_eval) it runs a hyperparameter search instead of one training run
+    (``iwtrainer.hpo``): ``<output_dir>/hpo_results.json`` lists every trial, ``best_hyperparameters.json`` the
+    best values (pass them back as flags to train with them); each trial's files are in ``<output_dir>/run-N/``.
+    """
     try:
-        run = prepare(argv)
-    except USER_ERRORS as exc:
+        with split_hpo_args(argv) as (hpo_args, argv):  # --hpo_* flags and config keys
+            space = search_space(hpo_args) if hpo_args.hpo_trials > 0 else None
+            run = prepare(argv)
+        if space is not None:
+            check_search(run, hpo_args, space)
+    except (*USER_ERRORS, BackendNotInstalled) as exc:
         logger.debug("setup failed", exc_info=True)  # the traceback, for --log_level debug
         sys.exit(f"{PROG}: error: {one_line(exc)}")
+    if space is not None:
+        run_glue_search(run, hpo_args, space)
+        return
     train_and_evaluate(run)
 
 

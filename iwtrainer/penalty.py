@@ -12,7 +12,7 @@ handful of kernels however many targets there are (a python loop over 72 modules
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -47,6 +47,10 @@ class IWPenalty:
             )
         self.form = form
         self._w2_cache: dict[tuple[int, float], torch.Tensor] = {}
+        self.cuda_graph = True  # add_grad_ on CUDA: replay one captured graph instead of ~30 kernel launches
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_key: tuple | None = None
+        self._graph_out: tuple | None = None
         self.names = [t.name for t in targets]
         groups: dict[tuple, list[LoraTarget]] = {}
         for t in targets:
@@ -82,16 +86,12 @@ class IWPenalty:
                 total = term if total is None else total + term
         return total
 
-    @torch.no_grad()
-    def add_grad_(self, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
-        """Add ``scale · ∇P`` to every factor's ``.grad`` without autograd and return ``P`` (detached).
+    def _grad_math(self, scale: float | torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """``P`` and, per shape group, the stacked ``scale·∂P/∂A`` and ``scale·∂P/∂B`` (no side effects).
 
-        Closed-form gradients of ``c‖BA‖_F²``: ``∂/∂A = 2c (BᵀB) A`` and ``∂/∂B = 2c B (AAᵀ)``; for ``factors``:
-        ``2cA`` and ``2cB``. About ten kernels per shape group, instead of the two gradient-accumulation nodes
-        per factor that autograd would add, which dominate the cost on small models. ``.grad`` accumulates, so
-        calling this before or after the task loss's backward gives the same sum.
+        Closed form of ``c‖BA‖_F²``: ``∂/∂A = 2c (BᵀB) A``, ``∂/∂B = 2c B (AAᵀ)``; for ``factors``: ``2cA``, ``2cB``.
         """
-        total = None
+        total, grads = None, []
         for index, (a_list, b_list, weight) in enumerate(self._groups):
             a, b = _at_least_fp32(torch.stack(a_list)), _at_least_fp32(torch.stack(b_list))
             w2 = self._doubled_weight(index, weight, scale)  # 2·scale·c_k·s_k², shaped (n, 1, 1)
@@ -103,26 +103,64 @@ class IWPenalty:
             else:
                 d_a, d_b = a * w2, b * w2
                 term = (d_a * a).sum() + (d_b * b).sum()
-            _accumulate_grads(a_list, d_a)
-            _accumulate_grads(b_list, d_b)
+            grads.append((d_a.to(a_list[0].dtype), d_b.to(b_list[0].dtype)))
             total = term if total is None else total + term
-        return total / (2 * scale)
+        return total / (2 * scale), grads
+
+    @torch.no_grad()
+    def add_grad_(self, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """Add ``scale · ∇P`` to every factor's ``.grad`` without autograd and return ``P`` (detached).
+
+        About ten kernels per shape group instead of the two gradient-accumulation nodes per factor that autograd
+        would add. On CUDA with a constant ``scale`` the whole computation is one CUDA-graph replay (kernel
+        launches, not FLOPs, are its cost). ``.grad`` accumulates, so calling this before or after the task
+        loss's backward gives the same sum; a missing ``.grad`` becomes a view of the stacked result (no copy).
+        """
+        if self.cuda_graph and not torch.is_tensor(scale) and self._groups[0][2].device.type == "cuda":
+            value, views = self._replay(float(scale))
+        else:
+            value, grads = self._grad_math(scale)
+            views = [(d_a.unbind(0), d_b.unbind(0)) for d_a, d_b in grads]
+        for (a_list, b_list, _), (v_a, v_b) in zip(self._groups, views):
+            _accumulate_grads(a_list, v_a)
+            _accumulate_grads(b_list, v_b)
+        return value
+
+    def _replay(self, scale: float) -> tuple[torch.Tensor, list]:
+        ptrs = tuple(p.data_ptr() for a_list, b_list, _ in self._groups for p in (*a_list, *b_list))
+        if self._graph is None or self._graph_key != (scale, ptrs):  # factors moved or were replaced: recapture
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up outside capture (cuBLAS workspaces, allocator)
+                    self._grad_math(scale)
+            torch.cuda.current_stream().wait_stream(stream)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                value, grads = self._grad_math(scale)
+            self._graph_out = (value, [(d_a.unbind(0), d_b.unbind(0)) for d_a, d_b in grads])
+            self._graph_key = (scale, ptrs)
+        first, first_out = self._groups[0][0][0], self._graph_out[1][0][0][0]
+        if first.grad is not None and first.grad.data_ptr() == first_out.data_ptr():
+            # .grad still aliases the previous replay's output, which the replay is about to overwrite
+            raise RuntimeError("IWPenalty.add_grad_: .grad was not reset (zero_grad) since the previous call")
+        self._graph.replay()
+        return self._graph_out
 
     def _doubled_weight(self, index: int, weight: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
         if torch.is_tensor(scale):  # fp16 loss scale: changes between steps
             return (weight * (2 * scale)).view(-1, 1, 1)
         key = (index, float(scale))
-        if key not in self._w2_cache:  # α/ga is fixed for a run: build once
+        if key not in self._w2_cache:  # α is fixed for a run: build once
             self._w2_cache[key] = (weight * (2 * scale)).view(-1, 1, 1)
         return self._w2_cache[key]
 
 
-def _accumulate_grads(params: list[nn.Parameter], grads: torch.Tensor) -> None:
-    """``p.grad += g`` for stacked ``grads``; a missing ``.grad`` becomes a view of the stack (no copy kernel)."""
-    grads = grads.to(params[0].dtype).unbind(0)
+def _accumulate_grads(params: list[nn.Parameter], grads: Sequence[torch.Tensor]) -> None:
+    """``p.grad += g``; a missing ``.grad`` becomes ``g`` itself (a view of the stacked result: no copy kernel)."""
     existing = [i for i, p in enumerate(params) if p.grad is not None]
     if len(existing) == len(params):
-        torch._foreach_add_([p.grad for p in params], grads)
+        torch._foreach_add_([p.grad for p in params], list(grads))
         return
     for i, p in enumerate(params):
         if p.grad is None:

@@ -77,6 +77,8 @@ class IWTrainer(Trainer):
         self.iw_callback.write_checkpoints = False
         self._iw_penalty: IWPenalty | None = None
         self._iw_penalty_key: tuple | None = None
+        self._iw_injected_at = -1  # global_step whose penalty gradient is already in .grad
+        self._iw_value: torch.Tensor | None = None
         self.regularizers = dict(regularizers or {})
         # "grad": closed-form penalty gradient added to .grad in one fused op per shape group (fast, default);
         # "autograd": the penalty joins the loss graph (used where .grad is not a plain tensor, e.g. DeepSpeed).
@@ -122,10 +124,22 @@ class IWTrainer(Trainer):
     # -- training -----------------------------------------------------------------------------------------
     def train(self, *args: Any, **kwargs: Any):
         validate_iw_settings(self.args)  # hyperparameter_search may have set trial values
+        peft_configs = getattr(unwrap_model(self.model), "peft_config", None) if self.model is not None else None
+        if isinstance(peft_configs, Mapping) and any(
+            getattr(c.peft_type, "value", c.peft_type) == "ADALORA" for c in peft_configs.values()
+        ):
+            from .adalora import AdaLoraCallback  # lazy: adalora imports peft
+
+            if not any(isinstance(cb, AdaLoraCallback) for cb in self.callback_handler.callbacks):
+                raise ValueError(
+                    "AdaLoRA needs iwtrainer.adalora.AdaLoraCallback (update_and_allocate after each optimizer "
+                    "step); without it training is plain LoRA with a fixed rank"
+                )
         if self.iw_active:
             self._check_supported()
         self._iw_logs = {}
         self._iw_last_logged_step = 0
+        self._iw_injected_at = -1
         return super().train(*args, **kwargs)
 
     def compute_loss(
@@ -143,9 +157,13 @@ class IWTrainer(Trainer):
             if self.iw_active:
                 penalty = self._penalty(model)
                 if self.penalty_backend == "grad":
-                    # α∇P/ga straight into .grad (it accumulates with the task gradient of the coming backward);
-                    # the detached value below only makes the reported loss the full objective.
-                    terms["iw_penalty"] = (penalty.add_grad_(self._grad_scale(ga)), self.args.iw_alpha)
+                    # The whole step's α∇P goes straight into .grad once per optimizer step (the factors do not
+                    # change between micro-batches; .grad accumulates with the task gradients of the backward
+                    # passes). The detached value below only makes the reported loss the full objective.
+                    if self._iw_injected_at != self.state.global_step:
+                        self._iw_value = penalty.add_grad_(self._grad_scale())
+                        self._iw_injected_at = self.state.global_step
+                    terms["iw_penalty"] = (self._iw_value, self.args.iw_alpha)
                 else:
                     terms["iw_penalty"] = (penalty(), self.args.iw_alpha)
             for name, fn in self.regularizers.items():
@@ -163,9 +181,9 @@ class IWTrainer(Trainer):
             self._iw_track(name, value.detach(), coef / ga)
         return (total, outputs) if return_outputs else total
 
-    def _grad_scale(self, ga: int) -> float | torch.Tensor:
-        """α/ga, times the fp16 GradScaler's current scale (a device tensor: no host sync)."""
-        scale: float | torch.Tensor = self.args.iw_alpha / ga
+    def _grad_scale(self) -> float | torch.Tensor:
+        """α, times the fp16 GradScaler's current scale (a device tensor: no host sync)."""
+        scale: float | torch.Tensor = self.args.iw_alpha
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             current = getattr(scaler, "_scale", None)

@@ -249,7 +249,7 @@ def test_iw_lora_rte_train_eval_predict(script, tmp_path):
     assert results["adapter"] == "lora" and results["train_samples"] == 64
     assert results["trainable_params"] == 6 * (4 * 8 * (384 + 384) + 2 * 8 * (384 + 1536)) + 385 * 384 + 385 * 2
     assert results["train_ms_per_step"] == pytest.approx(results["train_runtime"] / 4 * 1000, rel=1e-6)
-    assert ("peak_gpu_mem_mb" in results) == __import__("torch").cuda.is_available()
+    assert ("peak_gpu_memory_mb" in results) == __import__("torch").cuda.is_available()
     assert read(out / "trainer_state.json")["global_step"] == 4
     importance = read(out / "iw_importance.json")
     assert len(importance["modules"]) == 36  # 6 layers x 6 linear types, the default targets
