@@ -107,6 +107,7 @@ def prepare(argv: list[str] | None) -> Run:
     label_to_id = label_mapping(model, data, data_args)
     setup = build_adapter(model, adapter_args, training_args, missing)
     splits = tokenize_splits(splits, data, tokenizer, label_to_id, data_args, training_args)
+    setup.prepare_training(splits, tokenizer, data_args, training_args)
     return Run(model_args, data_args, adapter_args, training_args, data, splits, tokenizer, setup)
 
 

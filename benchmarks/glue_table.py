@@ -101,7 +101,9 @@ def run_cell(args: argparse.Namespace, task: str, method: str, seed: int) -> dic
     shutil.rmtree(out, ignore_errors=True)
     cmd = command(args, task, method, seed, out)
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    # One intra-op thread per run: K concurrent runs with a thread per core each oversubscribe the host ~K-fold.
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     record = {"key": cell_key(task, method, seed), "task": task, "method": method, "seed": seed}
     record["wall_s"] = time.time() - t0
     record["concurrency"] = args.parallel
@@ -187,6 +189,7 @@ def main() -> None:
     p.add_argument("--methods", default="full,lora,adalora,iwlora_sum,iwlora_max,gradnorm,wsa")
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--parallel", type=int, default=8, help="runs at once on the one GPU")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     p.add_argument("--results", default="benchmarks/results/glue_minilm.jsonl")
     p.add_argument("--runs_dir", default="/tmp/iw_glue_runs")
     p.add_argument("--extra", default="", help="extra flags for every run (quoted)")

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import inspect
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -22,8 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .adalora import AdaLoraCallback, adalora_config, adalora_schedule
 from .glue import GLUE_TASKS, GlueDataError, compute_glue_metrics, get_glue_task, load_glue_from_dir
+from .rank_allocation import RANK_ALLOCATION_FILE, GradNormRankCallback, allocate_ranks, rebuild_lora_ranks
+from .sensitivity import compute_sensitivities
+from .targets import find_lora_targets
 from .training_args import IWTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -31,6 +38,7 @@ logger = logging.getLogger(__name__)
 ADAPTERS = ("lora", "adalora", "full", "wsa")
 NON_IW_ADAPTERS = ("adalora", "full", "wsa")  # no plain LoRA factors B·A, so the IW penalty has nothing to weight
 RANK_ALLOCATIONS = ("none", "gradnorm")
+RANK_ALLOCATION_MODES = ("ema", "calibration")
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 USER_ERRORS: tuple[type[BaseException], ...] = (GlueDataError, ValueError, OSError, NotImplementedError)
 """Errors of the setup phase that are the user's input, reported as one line without a traceback."""
@@ -168,7 +176,8 @@ class AdapterArguments:
         default="lora",
         metadata={
             "help": "lora: peft LoRA (IW-LoRA when --iw_alpha > 0, the default 1e-4; plain LoRA with --iw_alpha 0). "
-            "full: full fine-tuning. wsa: Weighted Spectral Adapter. adalora: peft AdaLoRA (not wired yet). "
+            "full: full fine-tuning. wsa: Weighted Spectral Adapter. adalora: peft AdaLoRA with the same average "
+            "rank budget (target_r = --lora_r, init_r = ceil(1.5·lora_r)), pruned on the --adalora_* schedule. "
             "The IW penalty needs LoRA factors: with full/wsa/adalora --iw_alpha defaults to 0 and any "
             "explicit --iw_alpha > 0 is an error.",
             "choices": ADAPTERS,
@@ -195,11 +204,55 @@ class AdapterArguments:
     wsa_prune_threshold: float = field(
         default=0.05, metadata={"help": "WSA: after training, drop directions with |tanh(s_i)| < this τ."}
     )
+    adalora_tinit_frac: float = field(
+        default=0.1,
+        metadata={"help": "AdaLoRA: fraction of the run's optimizer steps trained at the initial budget (tinit)."},
+    )
+    adalora_tfinal_frac: float = field(
+        default=0.2,
+        metadata={"help": "AdaLoRA: fraction of the run's optimizer steps trained at the final budget (tfinal)."},
+    )
+    adalora_delta_t: int = field(
+        default=10, metadata={"help": "AdaLoRA: optimizer steps between two rank re-allocations (deltaT)."}
+    )
+    adalora_orth_reg_weight: float = field(
+        default=0.5, metadata={"help": "AdaLoRA: weight of the orthogonality regulariser on P and Q."}
+    )
     rank_allocation: str = field(
         default="none",
         metadata={
-            "help": "Per-matrix LoRA ranks: none (every matrix gets --lora_r) or gradnorm (GLoRA; not wired yet).",
+            "help": "Per-matrix LoRA ranks (--adapter lora only; combines with --iw_alpha): none (every matrix gets "
+            "--lora_r) or gradnorm (GLoRA: r_k proportional to a gradient norm, Σ r_k = --rank_budget; rank 0 "
+            "drops the matrix's adapter). Writes rank_allocation.json.",
             "choices": RANK_ALLOCATIONS,
+        },
+    )
+    rank_allocation_mode: str = field(
+        default="ema",
+        metadata={
+            "help": "gradnorm: ema (the source's method: an EMA of the LoRA gradient norms over --rank_warmup_steps "
+            "optimizer steps, then the LoRA layers are rebuilt in place with their new ranks, optimizer state "
+            "kept; single process only) or calibration (cheap: base-weight gradient norms over --iw_calib_steps "
+            "batches before training, which then starts with the allocated ranks; works under DDP).",
+            "choices": RANK_ALLOCATION_MODES,
+        },
+    )
+    rank_budget: int | None = field(
+        default=None,
+        metadata={"help": "gradnorm: total rank Σ_k r_k to allocate. Default: K × --lora_r for K adapted matrices."},
+    )
+    rank_min: int = field(
+        default=0,
+        metadata={
+            "help": "gradnorm: smallest rank per matrix. 0 (default) lets the allocation drop a matrix: rank 0 means "
+            "no adapter at all on it (Δ = 0, no trainable parameters); 1 keeps every matrix adapted."
+        },
+    )
+    rank_warmup_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "gradnorm ema: optimizer steps over which the gradient norms are averaged before re-allocating. "
+            "Default: one epoch of optimizer steps (training examples / (batch size × processes), / accumulation)."
         },
     )
 
@@ -223,6 +276,40 @@ class AdapterArguments:
             raise ValueError(f"--wsa_gate_l1 must be >= 0, got {self.wsa_gate_l1}")
         if not 0 <= self.wsa_prune_threshold <= 1:
             raise ValueError(f"--wsa_prune_threshold must be in [0, 1], got {self.wsa_prune_threshold}")
+        self._check_adalora()
+        self._check_rank_allocation()
+
+    def _check_adalora(self) -> None:
+        for flag in ("adalora_tinit_frac", "adalora_tfinal_frac"):
+            if not 0 <= getattr(self, flag) < 1:
+                raise ValueError(f"--{flag} must be in [0, 1), got {getattr(self, flag)}")
+        if self.adalora_tinit_frac + self.adalora_tfinal_frac >= 1:
+            raise ValueError(
+                f"--adalora_tinit_frac {self.adalora_tinit_frac:g} + --adalora_tfinal_frac "
+                f"{self.adalora_tfinal_frac:g} must be < 1: AdaLoRA needs steps in between to prune the rank budget"
+            )
+        if self.adalora_delta_t < 1:
+            raise ValueError(f"--adalora_delta_t must be >= 1, got {self.adalora_delta_t}")
+        if self.adalora_orth_reg_weight < 0:
+            raise ValueError(f"--adalora_orth_reg_weight must be >= 0, got {self.adalora_orth_reg_weight}")
+
+    def _check_rank_allocation(self) -> None:
+        if self.rank_allocation_mode not in RANK_ALLOCATION_MODES:
+            raise ValueError(
+                f"--rank_allocation_mode must be one of {list(RANK_ALLOCATION_MODES)}, got "
+                f"{self.rank_allocation_mode!r}"
+            )
+        if self.rank_allocation != "none" and self.adapter != "lora":
+            raise ValueError(
+                f"--rank_allocation {self.rank_allocation} allocates LoRA ranks and needs --adapter lora, got "
+                f"--adapter {self.adapter} (adalora allocates its own ranks)"
+            )
+        if self.rank_budget is not None and self.rank_budget < 1:
+            raise ValueError(f"--rank_budget must be >= 1, got {self.rank_budget}")
+        if self.rank_min < 0:
+            raise ValueError(f"--rank_min must be >= 0, got {self.rank_min}")
+        if self.rank_warmup_steps is not None and self.rank_warmup_steps < 1:
+            raise ValueError(f"--rank_warmup_steps must be >= 1, got {self.rank_warmup_steps}")
 
 
 def split_names(values: str | Iterable[str], flag: str) -> list[str]:
@@ -771,6 +858,40 @@ class AdapterSetup:
     regularizers: dict[str, Callable[[nn.Module], torch.Tensor]] = field(default_factory=dict)
     callbacks: list[Any] = field(default_factory=list)
     wsa_config: Any = None
+    adapter_args: AdapterArguments | None = None
+    rank_calibration: RankCalibration | None = None
+    """``--rank_allocation_mode calibration``: allocates the ranks in :meth:`prepare_training`; holds the record."""
+    _prepared: bool = field(default=False, init=False, repr=False)
+
+    def prepare_training(
+        self,
+        splits: Mapping[str, Sequence[tuple[str, Any]]],
+        tokenizer: Any,
+        data_args: DataTrainingArguments,
+        training_args: IWTrainingArguments,
+    ) -> None:
+        """The adapter steps that need the tokenized training split; call after tokenizing, before the Trainer.
+
+        Checks the run length against the AdaLoRA schedule and the gradnorm warm-up (``ValueError`` naming the flags,
+        before anything is written) and, for ``--rank_allocation_mode calibration``, measures the sensitivities and
+        rebuilds the LoRA layers with their allocated ranks. ``splits`` is :func:`tokenize_splits`' result. Runs once;
+        a no-op without training data.
+        """
+        train = splits.get("train") or []
+        if self._prepared or not train:
+            return
+        dataset = train[0][1]
+        args = self.adapter_args
+        if args is not None and _has_length(dataset):
+            steps = estimate_train_steps(len(dataset), training_args)
+            if self.adapter == "adalora":
+                adalora_schedule(steps, args.adalora_tinit_frac, args.adalora_tfinal_frac)
+            if args.rank_allocation == "gradnorm" and args.rank_allocation_mode == "ema":
+                _check_warmup(args.rank_warmup_steps, steps, optimizer_steps_per_epoch(len(dataset), training_args))
+        if self.rank_calibration is not None:
+            collator = data_collator_for(tokenizer, data_args, training_args)
+            self.rank_calibration.run(self.model, dataset, collator, training_args)
+        self._prepared = True
 
 
 def build_adapter(
@@ -779,7 +900,10 @@ def build_adapter(
     training_args: IWTrainingArguments,
     missing_keys: Iterable[str] = (),
 ) -> AdapterSetup:
-    """Wrap ``model`` for ``--adapter``; raises ``ValueError`` (one line, naming the flag) on bad targets."""
+    """Wrap ``model`` for ``--adapter``; raises ``ValueError`` (one line, naming the flag) on bad targets.
+
+    Steps that need the tokenized training data follow in :meth:`AdapterSetup.prepare_training`.
+    """
     heads = find_head_modules(model, missing_keys)
     adapter = adapter_args.adapter
     if adapter == "full":
@@ -795,11 +919,13 @@ def build_adapter(
             )
     spec = targets_regex(model, targets)
     if adapter == "wsa":
-        return build_wsa(model, adapter_args, spec, targets, heads)
-    if adapter == "adalora":
-        return build_adalora(model, adapter_args, training_args, spec, targets, heads)
-    setup = build_lora(model, adapter_args, spec, targets, heads)
-    setup.callbacks.extend(apply_rank_allocation(setup.model, adapter_args, training_args))
+        setup = build_wsa(model, adapter_args, spec, targets, heads)
+    elif adapter == "adalora":
+        setup = build_adalora(model, adapter_args, training_args, spec, targets, heads)
+    else:
+        setup = build_lora(model, adapter_args, spec, targets, heads)
+        apply_rank_allocation(setup, adapter_args, training_args)
+    setup.adapter_args = adapter_args
     return setup
 
 
@@ -848,7 +974,51 @@ def build_wsa(
     return AdapterSetup(model, "wsa", targets, heads, regularizers=regularizers, wsa_config=config)
 
 
-# ---- to be wired in by iwtrainer/adalora.py and iwtrainer/rank_allocation.py ---------------------------------------
+# ---- AdaLoRA and gradnorm rank allocation -----------------------------------------------------------------------
+_PROVISIONAL_TOTAL_STEPS = 10_000
+"""AdaLoRA's ``total_step`` when neither ``--max_steps`` nor the data size is known yet; ``AdaLoraCallback`` sets the
+run's real length (and re-derives tinit/tfinal from the fractions) at ``on_train_begin``."""
+
+
+def _world_size(training_args: IWTrainingArguments) -> int:
+    """Processes of the run: ``$WORLD_SIZE`` (torchrun/accelerate) first, so nothing is initialised to find out."""
+    env = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return env if env > 1 else int(training_args.world_size)
+
+
+def _has_length(dataset: Any) -> bool:
+    try:
+        len(dataset)
+    except TypeError:
+        return False
+    return True
+
+
+def optimizer_steps_per_epoch(num_examples: int, training_args: IWTrainingArguments) -> int:
+    """Optimizer steps in one epoch of ``num_examples``, as the Trainer counts them (per process batches / GA)."""
+    per_process = math.ceil(num_examples / _world_size(training_args))
+    batch = training_args.train_batch_size
+    batches = per_process // batch if training_args.dataloader_drop_last else math.ceil(per_process / batch)
+    return max(math.ceil(batches / training_args.gradient_accumulation_steps), 1)
+
+
+def estimate_train_steps(num_examples: int, training_args: IWTrainingArguments) -> int:
+    """The run's optimizer steps: ``--max_steps`` when > 0, else ``ceil(epochs × steps per epoch)``."""
+    if training_args.max_steps > 0:
+        return training_args.max_steps
+    return math.ceil(training_args.num_train_epochs * optimizer_steps_per_epoch(num_examples, training_args))
+
+
+def _check_warmup(warmup: int | None, total_steps: int, steps_per_epoch: int) -> None:
+    if (warmup or steps_per_epoch) < total_steps:
+        return
+    given = f"--rank_warmup_steps {warmup}" if warmup else f"--rank_warmup_steps (one epoch: {steps_per_epoch})"
+    raise ValueError(
+        f"{given} must be < the run's {total_steps} optimizer steps, or the ranks are never re-allocated: pass a "
+        "smaller --rank_warmup_steps or train longer (--max_steps / --num_train_epochs)"
+    )
+
+
 def build_adalora(
     model: nn.Module,
     adapter_args: AdapterArguments,
@@ -857,24 +1027,214 @@ def build_adalora(
     targets: list[str],
     heads: list[str],
 ) -> AdapterSetup:
-    """PLACEHOLDER for ``--adapter adalora``: wire ``iwtrainer.adalora.adalora_config`` + ``AdaLoraCallback`` here.
+    """peft AdaLoRA on the LoRA targets with LoRA's average rank budget, driven by ``AdaLoraCallback``.
 
-    Expected: ``get_peft_model(model, adalora_config(...targets=spec, modules_to_save=heads, total_step from the run
-    length...))`` and ``AdapterSetup(..., callbacks=[AdaLoraCallback(...)])``.
+    ``total_step`` is provisional (``--max_steps``, else checked against the data size in ``prepare_training``); the
+    callback corrects it to the Trainer's ``max_steps`` at ``on_train_begin``.
     """
-    raise NotImplementedError("--adapter adalora is not available yet in run_glue_iw.py; use --adapter lora")
+    from peft import get_peft_model
+
+    total = training_args.max_steps if training_args.max_steps > 0 else _PROVISIONAL_TOTAL_STEPS
+    config = adalora_config(
+        spec,
+        lora_r=adapter_args.lora_r,
+        lora_alpha=adapter_args.lora_alpha,
+        lora_dropout=adapter_args.lora_dropout,
+        total_step=total,
+        tinit_frac=adapter_args.adalora_tinit_frac,
+        tfinal_frac=adapter_args.adalora_tfinal_frac,
+        delta_t=adapter_args.adalora_delta_t,
+        orth_reg_weight=adapter_args.adalora_orth_reg_weight,
+        modules_to_save=list(heads) or None,
+    )
+    callback = AdaLoraCallback(adapter_args.adalora_tinit_frac, adapter_args.adalora_tfinal_frac)
+    return AdapterSetup(get_peft_model(model, config), "adalora", targets, heads, callbacks=[callback])
 
 
 def apply_rank_allocation(
-    model: nn.Module, adapter_args: AdapterArguments, training_args: IWTrainingArguments
-) -> list[Any]:
-    """PLACEHOLDER for ``--rank_allocation``: returns trainer callbacks; wire ``iwtrainer.rank_allocation`` here."""
+    setup: AdapterSetup, adapter_args: AdapterArguments, training_args: IWTrainingArguments
+) -> None:
+    """``--rank_allocation gradnorm`` on a LoRA setup: checks the budget, then adds the mode's callback.
+
+    ema: a ``GradNormRankCallback`` (single process). calibration: ``setup.rank_calibration``, run by
+    ``prepare_training``, plus a callback that writes its record when training ends.
+    """
     if adapter_args.rank_allocation == "none":
-        return []
-    raise NotImplementedError(
-        f"--rank_allocation {adapter_args.rank_allocation} is not available yet in run_glue_iw.py; use "
-        "--rank_allocation none"
-    )
+        return
+    lora_targets = find_lora_targets(setup.model)
+    caps = {t.name: min(t.lora_A.shape[1], t.lora_B.shape[0]) for t in lora_targets}
+    k = len(caps)
+    budget = adapter_args.rank_budget if adapter_args.rank_budget is not None else k * adapter_args.lora_r
+    flag = f"--rank_budget {budget}" if adapter_args.rank_budget is not None else f"the rank budget {budget}"
+    if budget < adapter_args.rank_min * k:
+        raise ValueError(
+            f"{flag} is below --rank_min {adapter_args.rank_min} × {k} adapted matrices; lower --rank_min or raise "
+            "--rank_budget"
+        )
+    if budget > sum(caps.values()):
+        raise ValueError(
+            f"{flag} exceeds {sum(caps.values())}, the largest total rank of the {k} adapted matrices "
+            "(Σ min(d_in, d_out)); lower --rank_budget / --lora_r"
+        )
+    smallest = min(caps, key=caps.__getitem__)
+    if adapter_args.rank_min > caps[smallest]:
+        raise ValueError(
+            f"--rank_min {adapter_args.rank_min} exceeds min(d_in, d_out) = {caps[smallest]} of {smallest}"
+        )
+    if adapter_args.rank_allocation_mode == "ema":
+        world = _world_size(training_args)
+        if world > 1 or training_args.deepspeed or training_args.fsdp:
+            where = f"{world} processes" if world > 1 else "DeepSpeed/FSDP"
+            raise ValueError(
+                "--rank_allocation_mode ema rebuilds the LoRA layers mid-run, which only works in a single process, "
+                f"not with {where}: use --rank_allocation_mode calibration"
+            )
+        warmup = adapter_args.rank_warmup_steps
+        if warmup is not None and training_args.max_steps > 0:
+            _check_warmup(warmup, training_args.max_steps, warmup)
+        setup.callbacks.append(_EmaRankCallback(warmup, total_rank=budget, min_rank=adapter_args.rank_min))
+    else:
+        setup.rank_calibration = RankCalibration(budget, adapter_args.rank_min, caps)
+        setup.callbacks.append(_CalibratedRankCallback(setup.rank_calibration))
+
+
+def _write_rank_allocation(args: TrainingArguments, state: TrainerState, record: Mapping[str, Any] | None) -> None:
+    if record is None or not state.is_world_process_zero:
+        return
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, RANK_ALLOCATION_FILE), "w") as f:
+        json.dump(record, f, indent=2)
+
+
+class _EmaRankCallback(GradNormRankCallback):
+    """``GradNormRankCallback`` with the warm-up defaulting to one epoch of the Trainer's optimizer steps;
+    ``rank_allocation.json`` is written when training ends (with ``"rank_allocation_mode": "ema"``)."""
+
+    def __init__(self, warmup_steps: int | None, **kwargs: Any) -> None:
+        super().__init__(warmup_steps or 1, write_file=False, **kwargs)
+        self.requested_warmup = warmup_steps
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.requested_warmup is None:
+            loader = kwargs.get("train_dataloader")
+            if loader is None or not _has_length(loader):
+                raise ValueError("--rank_warmup_steps is required when the training data has no length")
+            ga = args.gradient_accumulation_steps
+            self.warmup_steps = max(len(loader) // ga + int(len(loader) % ga > 0), 1)  # the Trainer's epoch
+        super().on_train_begin(args, state, control, **kwargs)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.record is not None:
+            self.record["rank_allocation_mode"] = "ema"
+        _write_rank_allocation(args, state, self.record)
+
+
+@dataclass
+class RankCalibration:
+    """``--rank_allocation_mode calibration``: ranks from the base weights' gradient norms, applied before training.
+
+    ``s_k = mean_b ‖∂L/∂W_k‖_F`` (:func:`compute_sensitivities`, the IW calibration's measure) over
+    ``--iw_calib_steps`` batches of a plain shuffled DataLoader, ``r = allocate_ranks(s, budget, min_rank, caps)``,
+    then :func:`rebuild_lora_ranks` in place (same model object; rank 0 removes the adapter). ``record`` is the
+    content of ``rank_allocation.json``.
+    """
+
+    budget: int
+    min_rank: int
+    caps: dict[str, int]
+    record: dict[str, Any] | None = None
+
+    def run(self, model: nn.Module, dataset: Any, collator: Callable, training_args: IWTrainingArguments) -> None:
+        from torch.utils.data import DataLoader
+
+        seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+        loader = DataLoader(
+            _model_input_columns(dataset, model),
+            batch_size=training_args.per_device_train_batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+            collate_fn=collator,
+            drop_last=training_args.dataloader_drop_last,
+        )
+        home = next(model.parameters()).device
+        autocast = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
+        model.to(training_args.device)
+        try:
+            sensitivities = compute_sensitivities(
+                model,
+                loader,
+                num_steps=training_args.iw_calib_steps,
+                gradient_accumulation_steps=training_args.gradient_accumulation_steps,
+                autocast_dtype=autocast,
+                show_progress=not training_args.disable_tqdm,
+            )
+        finally:
+            model.to(home)
+        ranks = allocate_ranks(sensitivities, self.budget, self.min_rank, self.caps)
+        info = rebuild_lora_ranks(model, ranks)
+        total = sum(sensitivities.values()) or 1.0
+        self.record = {
+            "mode": "gradnorm",
+            "rank_allocation_mode": "calibration",
+            "iw_calib_steps": training_args.iw_calib_steps,
+            "budget": self.budget,
+            "min_rank": self.min_rank,
+            "modules": {
+                n: {"sensitivity": s, "share": s / total, "old_rank": info[n]["old_rank"], "rank": ranks[n]}
+                for n, s in sensitivities.items()
+            },
+        }
+        logger.info(
+            "gradnorm (calibration): allocated %d ranks over %d matrices (min %d, max %d, %d without adapter)",
+            self.budget,
+            len(ranks),
+            min(ranks.values()),
+            max(ranks.values()),
+            sum(r == 0 for r in ranks.values()),
+        )
+
+
+def _model_input_columns(dataset: Any, model: nn.Module) -> Any:
+    """``dataset`` without the columns the model's forward does not take (as the Trainer's remove_unused_columns)."""
+    if not hasattr(dataset, "remove_columns"):
+        return dataset
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    keep = set(inspect.signature(inner.forward).parameters) | {"label", "label_ids", "labels"}
+    return dataset.remove_columns([c for c in dataset.column_names if c not in keep])
+
+
+class _CalibratedRankCallback(TrainerCallback):
+    """Refuses to train when the calibration did not run; writes ``rank_allocation.json`` when training ends."""
+
+    def __init__(self, calibration: RankCalibration) -> None:
+        self.calibration = calibration
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.calibration.record is None:
+            raise RuntimeError(
+                "--rank_allocation_mode calibration: the ranks were not allocated; call "
+                "AdapterSetup.prepare_training(...) after tokenizing and before building the Trainer"
+            )
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        _write_rank_allocation(args, state, self.calibration.record)
+
+
+def data_collator_for(tokenizer: Any, data_args: DataTrainingArguments, training_args: IWTrainingArguments) -> Any:
+    """run_glue_iw.py's batch collator (for its ``None``, the Trainer's default: padding with the tokenizer)."""
+    from transformers import DataCollatorWithPadding, default_data_collator
+
+    if data_args.pad_to_max_length:
+        return default_data_collator
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training_args.fp16 else None)
 
 
 def count_trainable_parameters(model: nn.Module) -> int:

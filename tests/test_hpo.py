@@ -1,0 +1,401 @@
+"""Tests for iwtrainer.hpo: search space files, objectives, ``run_search`` through ``Trainer.hyperparameter_search``
+(fresh model and calibration per trial, shared optuna storage) and ``run_glue_iw.py --hpo_trials``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from tiny import RandomClassification, tiny_lora
+from transformers import TrainerCallback
+
+from iwtrainer import IMPORTANCE_FILE, IWTrainer, IWTrainingArguments, SensitivityCallback
+from iwtrainer.cli import parse_args
+from iwtrainer.hpo import (
+    BEST_FILE,
+    DEFAULT_SPACE,
+    RAY_EXTRA,
+    RESULTS_FILE,
+    BackendNotInstalled,
+    HpoArguments,
+    check_space,
+    glue_objective,
+    load_search_space,
+    objective_metric,
+    optuna_hp_space,
+    ray_hp_space,
+    redact,
+    run_search,
+    split_hpo_args,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "run_glue_iw.py"
+SHARED = Path(os.environ.get("IWTRAINER_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+MODEL = SHARED / "models" / "all-MiniLM-L6-v2"
+GLUE = SHARED / "data" / "glue"
+needs_shared = pytest.mark.skipif(
+    not (MODEL.is_dir() and GLUE.is_dir()), reason=f"real model/GLUE data not found under {SHARED}"
+)
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(autouse=True)
+def _no_glue_dir_env(monkeypatch):
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+
+
+# ---- search space ------------------------------------------------------------------------------------------------
+def test_default_space_is_the_config_file_and_the_spec():
+    assert load_search_space(ROOT / "configs" / "hpo_space.yaml") == DEFAULT_SPACE
+    assert DEFAULT_SPACE == {  # SPEC.md §4
+        "learning_rate": {"type": "loguniform", "low": 1e-5, "high": 5e-4},
+        "per_device_train_batch_size": {"type": "categorical", "choices": [16, 32, 64]},
+        "iw_alpha": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
+    }
+
+
+BAD_SPACES = {
+    "unknown field": ({"learnig_rate": {"type": "uniform", "low": 0, "high": 1}}, ["'learnig_rate'", "learning_rate"]),
+    "unknown type": ({"learning_rate": {"type": "normal", "low": 0, "high": 1}}, ["'learning_rate'", "'normal'"]),
+    "no type": ({"learning_rate": [1e-5, 1e-4]}, ["'learning_rate'", "'type'"]),
+    "missing high": ({"learning_rate": {"type": "uniform", "low": 0}}, ["'learning_rate'", "'high'"]),
+    "low >= high": ({"learning_rate": {"type": "uniform", "low": 1, "high": 1}}, ["'learning_rate'", "low"]),
+    "log of 0": ({"iw_alpha": {"type": "loguniform", "low": 0, "high": 1}}, ["'iw_alpha'", "low > 0"]),
+    "text bound": ({"iw_alpha": {"type": "loguniform", "low": "1e-5", "high": 1}}, ["'iw_alpha'", "'low'"]),
+    "float int": ({"seed": {"type": "int", "low": 0.5, "high": 3}}, ["'seed'", "integer"]),
+    "empty choices": ({"seed": {"type": "categorical", "choices": []}}, ["'seed'", "choices"]),
+    "stray key": ({"seed": {"type": "categorical", "choices": [1], "low": 0}}, ["'seed'", "['low']"]),
+    "empty": ({}, ["non-empty mapping"]),
+    "a list": ([1, 2], ["non-empty mapping", "list"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SPACES))
+def test_space_errors_name_the_file_and_the_key(tmp_path, case):
+    space, expected = BAD_SPACES[case]
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    with pytest.raises(ValueError) as info:
+        load_search_space(path)
+    message = str(info.value)
+    assert str(path) in message, message
+    for text in expected:
+        assert text in message, message
+
+
+def test_space_file_missing_or_unparseable(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_search_space(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: {type: [")
+    with pytest.raises(ValueError, match=f"{bad}: cannot be parsed"):
+        load_search_space(bad)
+
+
+def test_optuna_space_samples_inside_the_bounds():
+    space = {**DEFAULT_SPACE, "seed": {"type": "int", "low": 1, "high": 9, "step": 2}}
+    hp_space = optuna_hp_space(space)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        params = hp_space(study.ask())
+        assert 1e-5 <= params["learning_rate"] <= 5e-4 and 1e-5 <= params["iw_alpha"] <= 1e-3
+        assert params["per_device_train_batch_size"] in (16, 32, 64) and params["seed"] in (1, 3, 5, 7, 9)
+    dists = study.trials[0].distributions
+    assert dists["learning_rate"].log and dists["iw_alpha"].log
+
+
+@pytest.mark.skipif(HAVE_RAY, reason="ray is installed")
+def test_ray_space_without_ray_names_the_extra():
+    with pytest.raises(BackendNotInstalled, match=r"pip install 'iwtrainer\[ray\]'"):
+        ray_hp_space(DEFAULT_SPACE)
+    assert isinstance(BackendNotInstalled("x"), ImportError)
+
+
+def test_glue_objective_picks_the_task_metric():
+    assert glue_objective({"eval_loss": 0.3, "eval_accuracy": 0.7, "epoch": 1.0}) == 0.7  # rte, sst2, mnli matched
+    assert glue_objective({"eval_accuracy": 0.8, "eval_f1": 0.9, "eval_combined_score": 0.85}) == 0.85  # mrpc, qqp
+    assert glue_objective({"eval_pearson": 0.8, "eval_spearmanr": 0.6, "eval_combined_score": 0.7}) == 0.7  # stsb
+    assert glue_objective({"eval_matthews_correlation": 0.4, "eval_loss": 1.0}) == 0.4  # cola
+    with pytest.raises(ValueError, match="no GLUE metric"):
+        glue_objective({"eval_loss": 0.3})
+    assert objective_metric("mnli") == "eval_accuracy" and objective_metric("cola") == "eval_matthews_correlation"
+    assert objective_metric("stsb") == objective_metric("qqp") == "eval_combined_score"
+    assert objective_metric(None, is_regression=True) == "eval_mse"
+
+
+def test_storage_password_is_redacted():
+    assert redact("postgresql://me:s3cret@db:5432/hpo") == "postgresql://me:***@db:5432/hpo"
+    assert redact("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+
+
+# ---- run_search on a tiny model ----------------------------------------------------------------------------------
+class CountingCalibration(SensitivityCallback):
+    """Records the model each calibration ran on (objects kept alive: ids cannot be reused)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(show_progress=False, **kwargs)
+        self.calibrated: list[tuple[object, dict]] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        super().on_train_begin(args, state, control, model=model, **kwargs)
+        self.calibrated.append((model, self.record))
+
+
+class PenaltyBinding(TrainerCallback):
+    """After each optimizer step: is the cached IW penalty built on the current trial's LoRA factors?"""
+
+    def __init__(self):
+        self.trainer = None
+        self.bound: list[bool] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        penalty = self.trainer._iw_penalty
+        params = {id(p) for p in self.trainer.model.parameters()}
+        self.bound.append(all(id(p) in params for group in penalty._groups for p in (*group[0], *group[1])))
+
+
+def accuracy(p) -> dict[str, float]:
+    return {"accuracy": float((np.argmax(p.predictions, axis=1) == p.label_ids).mean())}
+
+
+def tiny_trainer(out: Path, *callbacks) -> tuple[IWTrainer, list]:
+    models: list = []
+
+    def model_init():
+        models.append(tiny_lora("bert"))
+        return models[-1]
+
+    args = IWTrainingArguments(
+        output_dir=str(out), max_steps=2, iw_calib_steps=1, report_to="none", save_strategy="no", use_cpu=True,
+        disable_tqdm=True, per_device_eval_batch_size=32, dataloader_pin_memory=False, log_level="error",
+    )  # fmt: skip
+    trainer = IWTrainer(
+        model_init=model_init,
+        args=args,
+        train_dataset=RandomClassification(64),
+        eval_dataset=RandomClassification(32, seed=1),
+        compute_metrics=accuracy,
+        callbacks=list(callbacks) or None,
+    )
+    return trainer, models
+
+
+def in_space(params: dict) -> bool:
+    return (
+        1e-5 <= params["learning_rate"] <= 5e-4
+        and params["per_device_train_batch_size"] in (16, 32, 64)
+        and 1e-5 <= params["iw_alpha"] <= 1e-3
+    )
+
+
+def test_two_trial_search_fresh_model_and_calibration_per_trial(tmp_path):
+    calib, binding = CountingCalibration(), PenaltyBinding()
+    trainer, models = tiny_trainer(tmp_path, calib, binding)
+    binding.trainer = trainer
+    assert trainer.iw_callback is calib
+    best = run_search(trainer, n_trials=2, backend="optuna", space=DEFAULT_SPACE, output_dir=tmp_path)
+
+    results = json.loads((tmp_path / RESULTS_FILE).read_text())
+    assert [t["number"] for t in results["trials"]] == [0, 1]
+    assert all(t["state"] == "COMPLETE" and math.isfinite(t["objective"]) for t in results["trials"])
+    assert all(in_space(t["params"]) for t in results["trials"])
+    assert results["best"]["params"] == best.hyperparameters and in_space(best.hyperparameters)
+    assert results["best"]["objective"] == best.objective and results["direction"] == "maximize"
+    assert json.loads((tmp_path / BEST_FILE).read_text()) == best.hyperparameters
+
+    # One calibration per trial, each on that trial's fresh model (models[0] only served the constructor).
+    assert len(models) == 3 and len(calib.calibrated) == 2
+    assert [m for m, _ in calib.calibrated] == models[1:] and models[1] is not models[2]
+    assert calib.calibrated[0][1] is not calib.calibrated[1][1]
+    assert binding.bound == [True] * 4  # the penalty re-bound to each trial's LoRA factors
+    # Each trial's calibration file is in its own run-N/ (with that trial's alpha); none at the top level.
+    for trial in results["trials"]:
+        run_dir = tmp_path / f"run-{trial['number']}"
+        assert trial["run_dir"] == str(run_dir)
+        record = json.loads((run_dir / IMPORTANCE_FILE).read_text())
+        assert record["settings"]["iw_alpha"] == pytest.approx(trial["params"]["iw_alpha"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [BEST_FILE, RESULTS_FILE, "run-0", "run-1"]
+    assert trainer.args.output_dir == str(tmp_path)
+    assert "on_train_begin" not in vars(calib)  # the per-trial redirection is undone after the search
+
+
+def test_shared_sqlite_storage_accumulates_trials(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'hpo.db'}"
+    for worker in ("a", "b"):  # two workers (two machines: two output dirs) sharing one study
+        trainer, _ = tiny_trainer(tmp_path / worker)
+        run_search(trainer, n_trials=1, storage=storage, study_name="shared", output_dir=tmp_path / worker)
+    study = optuna.load_study(study_name="shared", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    results = json.loads((tmp_path / "b" / RESULTS_FILE).read_text())
+    assert results["n_trials"] == 2 and results["storage"] == storage and results["study_name"] == "shared"
+    assert [t["run_dir"] for t in results["trials"]] == [str(tmp_path / "a" / "run-0"), str(tmp_path / "b" / "run-1")]
+    assert (tmp_path / "a" / "run-0" / IMPORTANCE_FILE).is_file()
+    assert (tmp_path / "b" / "run-1" / IMPORTANCE_FILE).is_file()
+    # A study that exists with the other direction is refused before any training.
+    trainer, models = tiny_trainer(tmp_path / "c")
+    with pytest.raises(ValueError, match="direction"):
+        run_search(trainer, n_trials=1, storage=storage, study_name="shared", direction="minimize")
+    assert len(models) == 1
+
+
+def test_a_failing_search_records_what_ran(tmp_path):
+    trainer, _ = tiny_trainer(tmp_path)
+
+    def objective(metrics):
+        raise RuntimeError("no metric today")
+
+    with pytest.raises(RuntimeError, match="no metric today"):
+        run_search(trainer, n_trials=2, compute_objective=objective)
+    results = json.loads((tmp_path / RESULTS_FILE).read_text())
+    assert results["error"] == "RuntimeError: no metric today" and results["best"] is None
+    assert [t["state"] for t in results["trials"]] == ["FAIL"]
+    assert not (tmp_path / BEST_FILE).exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_run_search_needs_model_init(tmp_path):
+    args = IWTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = IWTrainer(model=tiny_lora("bert"), args=args, train_dataset=RandomClassification(8))
+    with pytest.raises(ValueError, match="model_init"):
+        run_search(trainer, n_trials=1)
+
+
+# ---- run_glue_iw.py ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("run_glue_iw", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_glue_iw"] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("run_glue_iw", None)
+
+
+def user_error(script, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as info:
+        script.main(argv)
+    message = info.value.code
+    assert isinstance(message, str) and message.startswith("run_glue_iw.py: error: ") and "\n" not in message
+    return message
+
+
+def test_hpo_flags_and_config_keys(tmp_path, monkeypatch):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {"model_name_or_path": "m/x", "task_name": "rte", "do_train": True, "learning_rate": 1e-4,
+             "hpo_trials": 4, "hpo_storage": "sqlite:///${HPO_DB}", "output_dir": str(tmp_path / "o")}
+        )
+    )  # fmt: skip
+    monkeypatch.setenv("HPO_DB", "/x/hpo.db")
+    argv = [str(cfg), "--hpo_trials=6", "--learning_rate", "3e-4", "--hpo_direction", "minimize"]
+    with split_hpo_args(argv) as (hpo, rest):
+        _, data_args, _, training_args = parse_args(rest)
+    assert hpo == HpoArguments(hpo_trials=6, hpo_storage="sqlite:////x/hpo.db", hpo_direction="minimize")
+    assert data_args.task_name == "rte" and training_args.learning_rate == 3e-4 and training_args.do_train
+    with split_hpo_args(["--model_name_or_path", "m/x", "--task_name", "rte"]) as (hpo, rest):
+        assert hpo == HpoArguments() and rest == ["--model_name_or_path", "m/x", "--task_name", "rte"]
+
+
+def test_hpo_config_errors_name_the_original_file(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"model_name_or_path": "m/x", "task_name": "rte", "hpo_trails": 2}))
+    with pytest.raises(ValueError, match=r"run\.yaml: unknown key 'hpo_trails' \(did you mean 'hpo_trials'\?\)"):
+        with split_hpo_args([str(cfg)]):
+            pass
+    cfg.write_text(yaml.safe_dump({"model_name_or_path": "m/x", "task_name": "rte", "hpo_trials": 2, "lr": 1}))
+    with pytest.raises(ValueError) as info:
+        with split_hpo_args([str(cfg)]) as (_, rest):
+            parse_args(rest)
+    assert f"{cfg}: unknown key 'lr'" in str(info.value)
+    with pytest.raises(ValueError, match="--hpo_backend must be one of"):
+        with split_hpo_args(["--hpo_backend", "hyperopt"]):
+            pass
+
+
+def test_minilm_hpo_config_parses(tmp_path, monkeypatch):
+    argv = [str(ROOT / "configs" / "minilm_rte_hpo.yaml"), "--model_name_or_path", "m/x", "--glue_dir", "/g"]
+    with split_hpo_args([*argv, "--output_dir", str(tmp_path)]) as (hpo, rest):
+        _, data_args, adapter_args, training_args = parse_args(rest)
+    assert (hpo.hpo_trials, hpo.hpo_backend, hpo.hpo_direction, hpo.hpo_space) == (8, "optuna", "maximize", None)
+    assert data_args.task_name == "rte" and adapter_args.adapter == "lora" and training_args.iw_alpha > 0
+    assert training_args.do_train and training_args.do_eval
+    monkeypatch.delenv("MINILM_DIR", raising=False)
+    with pytest.raises(ValueError) as info:  # cli's message names the file given, not the copy it was handed
+        with split_hpo_args([str(ROOT / "configs" / "minilm_rte_hpo.yaml"), "--hpo-trials", "2"]) as (hpo, rest):
+            assert hpo.hpo_trials == 2
+            parse_args(rest)
+    assert f"(from {ROOT / 'configs' / 'minilm_rte_hpo.yaml'}) but $MINILM_DIR is not set" in str(info.value)
+    text = (ROOT / "configs" / "minilm_rte_hpo.yaml").read_text()
+    assert text.startswith("#") and "${MINILM_DIR}" in text and "${GLUE_DIR}" in text
+
+
+@pytest.mark.skipif(HAVE_RAY, reason="ray is installed")
+def test_script_ray_backend_without_ray_is_one_line(script, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", "m/x", "--task_name", "rte", "--do_train", "--do_eval", "--output_dir", str(out)]
+    message = user_error(script, [*argv, "--hpo_trials", "2", "--hpo_backend", "ray"])
+    assert RAY_EXTRA in message and "ray" in message
+    assert not out.exists()
+
+
+TINY = [
+    "--max_train_samples", "32", "--max_eval_samples", "16", "--max_steps", "2", "--max_seq_length", "32",
+    "--iw_calib_steps", "1", "--per_device_eval_batch_size", "16", "--save_strategy", "no", "--disable_tqdm", "true",
+    "--dataloader_pin_memory", "false", "--report_to", "none",
+]  # fmt: skip
+
+
+def glue_args(out: Path, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path", str(MODEL), "--glue_dir", str(GLUE), "--task_name", "rte", "--do_train", "--do_eval",
+        "--output_dir", str(out), *TINY, *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+@needs_shared
+def test_script_search_on_minilm_rte(script, tmp_path):
+    out = tmp_path / "out"
+    script.main(glue_args(out, "--hpo_trials", "2", "--do_predict"))
+    results = json.loads((out / RESULTS_FILE).read_text())
+    assert len(results["trials"]) == 2 and results["n_complete"] == 2
+    assert all(in_space(t["params"]) and 0 <= t["objective"] <= 1 for t in results["trials"])
+    best = json.loads((out / BEST_FILE).read_text())
+    assert in_space(best) and best == results["best"]["params"]
+    assert results["best"]["objective"] == max(t["objective"] for t in results["trials"])
+    for n in (0, 1):
+        record = json.loads((out / f"run-{n}" / IMPORTANCE_FILE).read_text())
+        assert len(record["modules"]) == 36  # 6 layers x 6 matrices, calibrated on the trial's model
+    assert sorted(p.name for p in out.iterdir()) == [BEST_FILE, RESULTS_FILE, "run-0", "run-1"]  # no run's files
+
+
+@pytest.mark.slow
+@needs_shared
+def test_script_search_bad_input_is_one_line_before_anything_is_written(script, tmp_path):
+    out = tmp_path / "out"
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"lora_r": {"type": "int", "low": 2, "high": 8}}))
+    message = user_error(script, glue_args(out, "--hpo_trials", "2", "--hpo_space", str(space)))
+    assert str(space) in message and "'lora_r' is not a field of IWTrainingArguments" in message
+    message = user_error(script, glue_args(out, "--hpo_trials", "2", "--adapter", "full", "--iw_alpha", "0"))
+    assert "'iw_alpha' is searched but --adapter full" in message
+    message = user_error(script, glue_args(out, "--hpo_trials", "2", "--do_eval", "false"))
+    assert "needs --do_eval" in message
+    assert not out.exists()
+
+
+def test_check_space_normalises_int():
+    assert check_space({"seed": {"type": "int", "low": 1, "high": 4}})["seed"] == {
+        "type": "int", "low": 1, "high": 4, "step": 1, "log": False,
+    }  # fmt: skip
