@@ -92,7 +92,12 @@ def summarize_side_files(out: Path) -> dict:
         rec["wsa"] = {"r_eff": r_eff, "r_eff_total": sum(r_eff.values())}
     if (out / "rank_allocation.json").is_file():
         alloc = json.loads((out / "rank_allocation.json").read_text())
-        rec["rank_allocation"] = {k: alloc[k] for k in ("ranks", "budget") if k in alloc}
+        ranks = {k: v["rank"] for k, v in alloc.get("modules", {}).items()}
+        rec["rank_allocation"] = {
+            "budget": alloc.get("budget"),
+            "ranks": ranks,
+            "rank_zero": sum(r == 0 for r in ranks.values()),
+        }
     return rec
 
 
