@@ -26,7 +26,7 @@ import datasets
 import numpy as np
 import torch
 import transformers
-from transformers import DataCollatorWithPadding, default_data_collator, set_seed
+from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from iwtrainer import IWTrainer
@@ -39,6 +39,7 @@ from iwtrainer.cli import (
     TaskData,
     build_adapter,
     count_trainable_parameters,
+    data_collator_for,
     label_mapping,
     load_model_and_tokenizer,
     load_task_data,
@@ -123,12 +124,7 @@ def train_and_evaluate(run: Run) -> None:
         len(run.setup.target_names),
         run.setup.head_names,
     )
-    if data_args.pad_to_max_length:
-        collator = default_data_collator
-    elif args.fp16:
-        collator = DataCollatorWithPadding(run.tokenizer, pad_to_multiple_of=8)
-    else:
-        collator = None
+    collator = data_collator_for(run.tokenizer, data_args, args)
     train_dataset = run.splits["train"][0][1] if run.splits["train"] else None
     eval_dataset = run.splits["eval"][0][1] if run.splits["eval"] else None
     trainer = IWTrainer(

@@ -27,8 +27,9 @@ class SensitivityCallback(TrainerCallback):
     Works inside [`IWTrainer`] (installed by default) and in any plain ``Trainer(..., callbacks=[...])``
     pipeline: settings left as ``None`` are read from ``args`` (``IWTrainingArguments``) or take the defaults
     (150 steps, ``sum``, β=1). The result is in ``self.record`` (the content of ``iw_importance.json``),
-    written to ``output_dir`` and to every checkpoint; a run resumed from a checkpoint reloads it instead of
-    recalibrating.
+    written to the run folder (``self.output_dir``, default ``None``: ``args.output_dir``; [`IWTrainer`] sets it to
+    the trial's ``run-N`` folder during ``hyperparameter_search``) and to every checkpoint; a run resumed from a
+    checkpoint reloads it instead of recalibrating.
 
     Calibration iterates the prepared training dataloader (so under data parallelism every rank measures its
     own shard and the ranks all-reduce), then restores all RNG states and the sampler position: training sees
@@ -52,7 +53,12 @@ class SensitivityCallback(TrainerCallback):
         self.show_progress = show_progress
         self.record: dict[str, Any] | None = None
         self.resume_dir: str | None = None
+        self.output_dir: str | None = None  # the run folder; None: args.output_dir
         self.write_checkpoints = True  # IWTrainer writes into the (trial-aware) checkpoint folder itself
+
+    def run_dir(self, args: TrainingArguments) -> str:
+        """The folder of this run: ``self.output_dir``, or ``args.output_dir`` when unset."""
+        return self.output_dir if self.output_dir is not None else args.output_dir
 
     def _setting(self, args: TrainingArguments, name: str, own: Any) -> Any:
         return own if own is not None else getattr(args, name, _DEFAULTS[name])
@@ -113,13 +119,13 @@ class SensitivityCallback(TrainerCallback):
             {k: v for k, v in settings.items() if k not in ("iw_normalize", "iw_beta")},
         )
         if state.is_world_process_zero:
-            save_importance(self.record, args.output_dir)
+            save_importance(self.record, self.run_dir(args))
         _log_summary(self.record)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.record is None or not self.write_checkpoints or not state.is_world_process_zero:
             return
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        folder = os.path.join(self.run_dir(args), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder):
             save_importance(self.record, folder)
 
@@ -128,7 +134,7 @@ class SensitivityCallback(TrainerCallback):
         candidates = [self.resume_dir]
         if isinstance(args.resume_from_checkpoint, str):
             candidates.append(args.resume_from_checkpoint)
-        candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        candidates.append(os.path.join(self.run_dir(args), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
         for folder in candidates:
             if folder and os.path.isfile(os.path.join(folder, IMPORTANCE_FILE)):
                 record = load_importance(folder)

@@ -336,52 +336,6 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-@contextlib.contextmanager
-def per_trial_calibration(trainer: Any) -> Iterator[None]:
-    """During a search: write each trial's ``iw_importance.json`` into its ``run-N`` folder and drop the cached
-    penalty at every trial start.
-
-    ``SensitivityCallback`` writes to ``args.output_dir`` (the search's top level) and recalibrates on the model of
-    the trial at ``on_train_begin``; ``IWTrainer`` caches the penalty under ``id()``s of the record and the model,
-    which a new trial may reuse once the previous trial's objects are freed, so the cache is cleared explicitly.
-    """
-    callback = getattr(trainer, "iw_callback", None)
-    if callback is None:
-        yield
-        return
-    own = callback.__dict__.get("on_train_begin")
-    original = callback.on_train_begin
-
-    def on_train_begin(args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        trainer._iw_penalty = None
-        trainer._iw_penalty_key = None
-        run_dir = trainer._get_output_dir(getattr(trainer, "_trial", None))
-        saved = args.output_dir
-        args.output_dir = run_dir
-        try:
-            return original(args, state, control, **kwargs)
-        finally:
-            args.output_dir = saved
-
-    callback.on_train_begin = on_train_begin
-    try:
-        yield
-    finally:
-        if own is not None:
-            callback.on_train_begin = own
-        else:
-            del callback.on_train_begin
-
-
-def _fix_loss_kwargs(trainer: Any) -> None:
-    """``IWTrainer`` only corrects ``model_accepts_loss_kwargs`` for a ``model=`` argument; do it for model_init."""
-    from .trainer import model_uses_num_items
-
-    model = getattr(trainer, "model", None)
-    if getattr(trainer, "model_accepts_loss_kwargs", False) and model is not None and not model_uses_num_items(model):
-        trainer.model_accepts_loss_kwargs = False
-
-
 def run_search(
     trainer: Any,
     n_trials: int = 30,
@@ -430,19 +384,17 @@ def run_search(
         if storage is not None:
             raise ValueError("storage is an optuna storage; it needs backend='optuna'")
         hp_space = ray_hp_space(space)
-    _fix_loss_kwargs(trainer)
     main = trainer.is_world_process_zero()
     best = None
     try:
-        with per_trial_calibration(trainer):
-            best = trainer.hyperparameter_search(
-                hp_space=hp_space,
-                compute_objective=compute_objective,
-                n_trials=n_trials,
-                direction=direction,
-                backend=backend,
-                **kwargs,
-            )
+        best = trainer.hyperparameter_search(
+            hp_space=hp_space,
+            compute_objective=compute_objective,
+            n_trials=n_trials,
+            direction=direction,
+            backend=backend,
+            **kwargs,
+        )
     except BaseException as exc:
         if main and study is not None:
             with contextlib.suppress(Exception):
@@ -744,9 +696,8 @@ def run_glue_search(run: Any, hpo_args: HpoArguments, space: Mapping[str, Any]) 
     The tokenized datasets are built once; ``model_init`` reloads the checkpoint and rebuilds the adapter (the model
     built while validating the input serves the trainer's construction, then is dropped).
     """
-    from transformers import DataCollatorWithPadding, default_data_collator
 
-    from .cli import build_adapter, label_mapping, load_model_and_tokenizer, make_compute_metrics
+    from .cli import build_adapter, data_collator_for, label_mapping, load_model_and_tokenizer, make_compute_metrics
     from .trainer import IWTrainer
 
     args, data_args = run.training_args, run.data_args
@@ -760,12 +711,7 @@ def run_glue_search(run: Any, hpo_args: HpoArguments, space: Mapping[str, Any]) 
         label_mapping(model, run.data, data_args)
         return build_adapter(model, run.adapter_args, args, missing).model
 
-    if data_args.pad_to_max_length:
-        collator = default_data_collator
-    elif args.fp16:
-        collator = DataCollatorWithPadding(run.tokenizer, pad_to_multiple_of=8)
-    else:
-        collator = None
+    collator = data_collator_for(run.tokenizer, data_args, args)
     trainer = IWTrainer(
         model_init=model_init,
         args=args,

@@ -45,8 +45,12 @@ class IWTrainer(Trainer):
     ``regularizers`` maps a log name to ``fn(model) -> Tensor``, a further term added to the training loss
     through the same accumulation-safe path (e.g. WSA's ``λ·‖g‖₁``).
 
-    Gradient accumulation: for models whose loss ignores ``num_items_in_batch`` (sequence classifiers), the
-    Trainer is told to divide the loss by the accumulation steps, so 16 × 2 gives the same update as 32 × 1.
+    Gradient accumulation: for models whose loss ignores ``num_items_in_batch`` (sequence classifiers, passed as
+    ``model`` or built by ``model_init``), the Trainer is told to divide the loss by the accumulation steps, so
+    16 × 2 gives the same update as 32 × 1.
+
+    Every ``train()`` rebuilds the penalty on the model it trains; during ``hyperparameter_search`` each trial's
+    ``iw_importance.json`` goes to its run folder (``<output_dir>/run-N``) like its checkpoints.
 
     The penalty's contribution to each optimizer step is ``α·∇P`` whatever the gradient accumulation and the
     number of processes: it is divided by the accumulation steps exactly when the Trainer will *not* divide the
@@ -65,11 +69,7 @@ class IWTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         if not isinstance(self.args, IWTrainingArguments):  # Trainer made default TrainingArguments
             raise TypeError("IWTrainer needs args=IWTrainingArguments(...)")
-        if self.model_accepts_loss_kwargs and model is not None and not model_uses_num_items(model):
-            # The Trainer skips its 1/accumulation division for any forward with **kwargs, but e.g.
-            # *ForSequenceClassification heads ignore num_items_in_batch and return a per-micro-batch mean: the
-            # gradient would then grow with gradient_accumulation_steps. Let the Trainer divide instead.
-            self.model_accepts_loss_kwargs = False
+        self._check_loss_kwargs(self.model)  # the model= argument, or the one Trainer built with model_init
         found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, SensitivityCallback)]
         self.iw_callback: SensitivityCallback = found[0] if found else SensitivityCallback()
         if not found:
@@ -100,6 +100,22 @@ class IWTrainer(Trainer):
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             raise ValueError("iw_alpha > 0 is not supported with DeepSpeed ZeRO-3 (sharded parameters); use ZeRO-1/2")
 
+    def _check_loss_kwargs(self, model: nn.Module | None) -> None:
+        """Let the Trainer divide the loss by the accumulation steps when ``model`` ignores ``num_items_in_batch``.
+
+        The Trainer skips its 1/accumulation division for any forward with ``**kwargs``, but e.g.
+        ``*ForSequenceClassification`` heads ignore ``num_items_in_batch`` and return a per-micro-batch mean: the
+        gradient would then grow with ``gradient_accumulation_steps``.
+        """
+        if getattr(self, "model_accepts_loss_kwargs", False) and model is not None and not model_uses_num_items(model):
+            self.model_accepts_loss_kwargs = False
+
+    def call_model_init(self, trial: Any = None) -> nn.Module:
+        """``model_init``'s model (at construction and at every ``train()``), checked like a ``model=`` argument."""
+        model = super().call_model_init(trial)
+        self._check_loss_kwargs(model)  # at construction the Trainer decides afterwards; __init__ checks again
+        return model
+
     @property
     def iw_active(self) -> bool:
         return self.args.iw_alpha > 0
@@ -122,7 +138,13 @@ class IWTrainer(Trainer):
         return (not self.model_accepts_loss_kwargs or num_items_in_batch is None) and self.compute_loss_func is None
 
     # -- training -----------------------------------------------------------------------------------------
-    def train(self, *args: Any, **kwargs: Any):
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+        **kwargs: Any,
+    ):
         validate_iw_settings(self.args)  # hyperparameter_search may have set trial values
         peft_configs = getattr(unwrap_model(self.model), "peft_config", None) if self.model is not None else None
         if isinstance(peft_configs, Mapping) and any(
@@ -140,7 +162,18 @@ class IWTrainer(Trainer):
         self._iw_logs = {}
         self._iw_last_logged_step = 0
         self._iw_injected_at = -1
-        return super().train(*args, **kwargs)
+        # The penalty is cached under id()s of the record and the model, which a new run (a search trial) may
+        # reuse once the previous run's objects are freed: rebuild it for every run.
+        self._iw_penalty = None
+        self._iw_penalty_key = None
+        # During hyperparameter_search the calibration file goes to the trial's run folder (<output_dir>/run-N).
+        self.iw_callback.output_dir = self._get_output_dir(trial) if trial is not None else None
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
 
     def compute_loss(
         self,

@@ -23,6 +23,7 @@ from iwtrainer.cli import (
     parse_args,
     targets_regex,
 )
+from iwtrainer.hpo import search_space, split_hpo_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "run_glue_iw.py"
@@ -162,13 +163,23 @@ def test_env_placeholders(tmp_path, monkeypatch):
     assert parse_args(["--model_name_or_path", "m/x", "--task_name", "rte"])[1].glue_dir == "/env/glue"
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+SEARCH_SPACES = ("hpo_space.yaml",)  # search spaces for --hpo_space, not run configs (tested in test_hpo.py)
+RUN_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name not in SEARCH_SPACES)
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_parse(path, tmp_path):
     args = [str(path), "--model_name_or_path", "m/x", "--glue_dir", "/g", "--output_dir", str(tmp_path)]
-    _, data_args, adapter_args, training_args = parse_args(args)
+    raw = yaml.safe_load(path.read_text())
+    with split_hpo_args(args) as (hpo_args, rest):  # as run_glue_iw.py: hpo_* keys are not parse_args flags
+        _, data_args, adapter_args, training_args = parse_args(rest)
+    hpo_keys = {k: v for k, v in raw.items() if k.startswith("hpo_")}
+    assert {k: getattr(hpo_args, k) for k in hpo_keys} == hpo_keys
+    assert (hpo_args.hpo_trials > 0) == bool(hpo_keys.get("hpo_trials"))
+    if hpo_args.hpo_trials > 0:
+        search_space(hpo_args)  # the backend is installed and the space loads
     assert training_args.do_train and training_args.do_eval
     if path.name.startswith("deberta_"):  # SPEC.md §4, exactly
-        raw = yaml.safe_load(path.read_text())
         assert raw["model_name_or_path"] == "microsoft/deberta-v3-base"
         assert (training_args.num_train_epochs, training_args.learning_rate) == (3, pytest.approx(2e-4))
         assert (training_args.per_device_train_batch_size, training_args.weight_decay) == (32, 0.01)
@@ -181,7 +192,9 @@ def test_shipped_configs_parse(path, tmp_path):
         assert training_args.metric_for_best_model == "accuracy"
     else:
         text = path.read_text()
-        assert "${MINILM_DIR}" in text and "${GLUE_DIR}" in text  # placeholders, documented in the header
+        assert "${MINILM_DIR}" in text  # placeholder, documented in the header
+        # the quickstart falls back to $GLUE_DIR / the hub (--glue_dir's own default); the others name the folder
+        assert ("${GLUE_DIR}" in text) != (path.name == "quickstart.yaml")
         assert text.startswith("#")
 
 
@@ -428,11 +441,6 @@ BAD_INPUTS = {
     "iw_alpha with wsa": (
         lambda tmp: ["--adapter", "wsa", "--iw_alpha", "0.01"],
         ["--iw_alpha 0.01", "--adapter wsa"],
-    ),
-    "adalora not wired yet": (lambda tmp: ["--adapter", "adalora"], ["--adapter adalora is not available yet"]),
-    "rank allocation not wired yet": (
-        lambda tmp: ["--rank_allocation", "gradnorm"],
-        ["--rank_allocation gradnorm is not available yet"],
     ),
     "predict without a test split": (
         lambda tmp: ["--glue_dir", str(glue_copy(tmp, ["index\tsentence1\tsentence2\tlabel", "0\ta\tb\tentailment"])),

@@ -67,6 +67,29 @@ def test_accumulation_gives_the_same_update(tmp_path):
     assert differs > 1e-4  # the penalty really changed the update
 
 
+def test_accumulation_with_model_init_gives_the_same_update(tmp_path):
+    """With model_init (no model= argument) 16 × 2 still equals 32 × 1: the accumulation fix checks the model that
+    train() builds; the calibration file goes to output_dir whatever a previous run left in the callback."""
+    _, one = train(tmp_path / "a", per_device_train_batch_size=32, gradient_accumulation_steps=1)
+    models = []
+
+    def model_init():
+        models.append(tiny_lora("bert", init_lora_weights=False))
+        return models[-1]
+
+    args = make_args(tmp_path / "b", per_device_train_batch_size=16, gradient_accumulation_steps=2)
+    trainer = IWTrainer(model_init=model_init, args=args, train_dataset=RandomClassification(n=96))
+    assert trainer.model_accepts_loss_kwargs is False  # decided on the model model_init built at construction
+    trainer.model_accepts_loss_kwargs = True  # as the Trainer's own introspection of a fresh model would say
+    trainer.iw_callback.output_dir = str(tmp_path / "stale")  # e.g. left by a search trial
+    trainer.train()
+    assert len(models) == 2 and trainer.model is models[1]
+    assert trainer.model_accepts_loss_kwargs is False
+    assert trainer.iw_callback.output_dir is None and (tmp_path / "b" / IMPORTANCE_FILE).is_file()
+    assert not (tmp_path / "stale").exists()
+    assert_states_close(one, lora_state(models[1]))
+
+
 def test_fused_gradient_backend_equals_autograd_backend(tmp_path):
     """The default closed-form .grad path and the penalty-in-the-graph path give the same training run."""
     _, fused = train(tmp_path / "g", per_device_train_batch_size=16, gradient_accumulation_steps=2)
