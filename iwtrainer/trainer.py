@@ -160,7 +160,7 @@ class IWTrainer(Trainer):
         if self.iw_active:
             self._check_supported()
         self._iw_logs = {}
-        self._iw_last_logged_step = 0
+        self._iw_last_logged_step = None  # set at the run's first step (a resumed run starts past 0)
         self._iw_injected_at = -1
         # The penalty is cached under id()s of the record and the model, which a new run (a search trial) may
         # reuse once the previous run's objects are freed: rebuild it for every run.
@@ -203,6 +203,8 @@ class IWTrainer(Trainer):
                 terms[name] = (fn(model), 1.0)
         if not terms:
             return (loss, outputs) if return_outputs else loss
+        if self._iw_last_logged_step is None:
+            self._iw_last_logged_step = self.state.global_step
         divides = self._trainer_divides_by_ga(num_items_in_batch)
         task = loss.detach() if loss.dim() == 0 else loss.detach().mean()
         self._iw_track("loss_task", task, 1 / ga if divides else 1.0)
@@ -233,7 +235,7 @@ class IWTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._iw_logs:
-            steps = max(1, self.state.global_step - self._iw_last_logged_step)
+            steps = max(1, self.state.global_step - (self._iw_last_logged_step or 0))
             for key, acc in self._iw_logs.items():
                 if self.args.world_size > 1:
                     acc = self.accelerator.reduce(acc, reduction="mean")

@@ -182,6 +182,10 @@ def test_resume_reuses_importance_without_recalibrating(tmp_path, monkeypatch):
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert resumed.iw_callback.record == saved
     assert resumed.state.global_step == 4
+    after = [h for h in resumed.state.log_history if "loss" in h and h["step"] > 2]
+    assert len(after) == 2  # logs of the resumed steps average over those steps only
+    for h in after:
+        assert h["loss"] == pytest.approx(h["loss_task"] + h["iw_penalty"], rel=1e-3)
 
 
 def test_resume_without_importance_file_fails_clearly(tmp_path):
