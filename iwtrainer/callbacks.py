@@ -54,7 +54,6 @@ class SensitivityCallback(TrainerCallback):
         self.record: dict[str, Any] | None = None
         self.resume_dir: str | None = None
         self.output_dir: str | None = None  # the run folder; None: args.output_dir
-        self.write_checkpoints = True  # IWTrainer writes into the (trial-aware) checkpoint folder itself
 
     def run_dir(self, args: TrainingArguments) -> str:
         """The folder of this run: ``self.output_dir``, or ``args.output_dir`` when unset."""
@@ -123,7 +122,7 @@ class SensitivityCallback(TrainerCallback):
         _log_summary(self.record)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.record is None or not self.write_checkpoints or not state.is_world_process_zero:
+        if self.record is None or not state.is_world_process_zero:
             return
         folder = os.path.join(self.run_dir(args), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder):

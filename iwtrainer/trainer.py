@@ -6,17 +6,14 @@ L_total = L_task + α · Σ_k (1 − w_k)^β · ‖Δ_k‖_F²
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .callbacks import SensitivityCallback
-from .importance import save_importance
 from .penalty import IWPenalty
 from .targets import find_lora_targets, layout_version, unwrap_model
 from .training_args import IWTrainingArguments, validate_iw_settings
@@ -74,7 +71,6 @@ class IWTrainer(Trainer):
         self.iw_callback: SensitivityCallback = found[0] if found else SensitivityCallback()
         if not found:
             self.add_callback(self.iw_callback)
-        self.iw_callback.write_checkpoints = False
         self._iw_penalty: IWPenalty | None = None
         self._iw_penalty_key: tuple | None = None
         self._iw_injected_at = -1  # global_step whose penalty gradient is already in .grad
@@ -245,14 +241,6 @@ class IWTrainer(Trainer):
         super().log(logs, start_time)
 
     # -- checkpoints --------------------------------------------------------------------------------------
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
-        if self.iw_callback.record is not None and self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            save_importance(self.iw_callback.record, folder)
-
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.iw_callback.resume_dir = resume_from_checkpoint

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import optuna
 import pytest
 import yaml
+from test_run_glue import GLUE, MODEL, ROOT, SCRIPT, needs_shared  # the real encoder and GLUE rows from ../shared
 from tiny import RandomClassification, tiny_lora
 from transformers import TrainerCallback
 
@@ -37,14 +37,6 @@ from iwtrainer.hpo import (
     split_hpo_args,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "run_glue_iw.py"
-SHARED = Path(os.environ.get("IWTRAINER_SHARED") or Path(__file__).resolve().parents[2] / "shared")
-MODEL = SHARED / "models" / "all-MiniLM-L6-v2"
-GLUE = SHARED / "data" / "glue"
-needs_shared = pytest.mark.skipif(
-    not (MODEL.is_dir() and GLUE.is_dir()), reason=f"real model/GLUE data not found under {SHARED}"
-)
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
