@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -100,6 +101,7 @@ class SensitivityCallback(TrainerCallback):
             self._load_for_resume(args, state, model)
             return
         autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        start = time.perf_counter()
         with preserved_training_state(train_dataloader):
             sensitivities = compute_sensitivities(
                 model,
@@ -117,6 +119,8 @@ class SensitivityCallback(TrainerCallback):
             settings["iw_beta"],
             {k: v for k, v in settings.items() if k not in ("iw_normalize", "iw_beta")},
         )
+        # Its cost, for users and benchmarks (sensitivities are floats read back from the device: already synced).
+        self.record["calibration_seconds"] = time.perf_counter() - start
         if state.is_world_process_zero:
             save_importance(self.record, self.run_dir(args))
         _log_summary(self.record)

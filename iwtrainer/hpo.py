@@ -398,12 +398,12 @@ def run_search(
     except BaseException as exc:
         if main and study is not None:
             with contextlib.suppress(Exception):
-                write_results(output_dir, _optuna_summary(study, storage, space, backend, direction), error=exc)
+                write_results(output_dir, study_summary(storage, study.study_name, space, direction), error=exc)
         raise
     if not main or best is None:
         return best
     if study is not None:
-        summary = _optuna_summary(study, storage, space, backend, direction)
+        summary = study_summary(storage, study.study_name, space, direction)
     else:
         summary = _ray_summary(best, space, backend, direction)
     write_results(output_dir, summary)
@@ -435,10 +435,11 @@ def _flags(params: Mapping[str, Any]) -> str:
     return " ".join(f"--{k} {v}" for k, v in params.items())
 
 
-def _optuna_summary(study: Any, storage: Any, space: Mapping[str, Any], backend: str, direction: str) -> dict:
+def study_summary(storage: Any, study_name: str, space: Mapping[str, Any], direction: str = "maximize") -> dict:
+    """The content of ``hpo_results.json`` for an optuna study, read back from ``storage`` (every worker's trials)."""
     import optuna
 
-    study = optuna.load_study(study_name=study.study_name, storage=storage)
+    study = optuna.load_study(study_name=study_name, storage=storage)
     trials = []
     for t in study.get_trials(deepcopy=False):
         trials.append(
@@ -465,7 +466,7 @@ def _optuna_summary(study: Any, storage: Any, space: Mapping[str, Any], backend:
             "run_dir": b.user_attrs.get("run_dir"),
         }
     return {
-        "backend": backend,
+        "backend": "optuna",
         "study_name": study.study_name,
         "storage": redact(storage) if isinstance(storage, str) else None,
         "direction": direction,
