@@ -80,6 +80,24 @@ def aggregate(rows: list[dict]) -> dict:
                 diffs = [score(cells[(t, m)][s]) - score(cells[(t, "lora")][s]) for s in seeds]
                 if diffs:
                     paired[f"{m}/{t}"] = {"seeds": seeds, "diffs": diffs}
+    # Sweeps and diagnostics (α and lr sweeps, WSA without pruning): every other method, per task, paired vs LoRA.
+    extra = {}
+    for (t, m), runs in sorted(cells.items()):
+        if m in METHOD_ORDER:
+            continue
+        lora = cells.get((t, "lora"), {})
+        seeds = sorted(set(runs) & set(lora))
+        extra[f"{m}/{t}"] = {
+            "scores": [score(runs[s]) for s in sorted(runs)],
+            "seeds": sorted(runs),
+            "paired_diffs_vs_lora": [score(runs[s]) - score(lora[s]) for s in seeds],
+            "train_time_x_lora": (
+                statistics.mean(r["results"]["train_runtime"] for r in runs.values())
+                / statistics.mean(r["results"]["train_runtime"] for r in lora.values())
+                if lora
+                else None
+            ),
+        }
     params = {m: next(iter(cells[(tasks[0], m)].values()))["results"]["trainable_params"] for m in methods}
     return {
         "tasks": tasks,
@@ -90,6 +108,7 @@ def aggregate(rows: list[dict]) -> dict:
         "relative_train_time": rel_time,
         "paired_vs_lora": paired,
         "trainable_params": params,
+        "sweeps": extra,
         "missing": [f"{t}/{m}" for t in TASK_METRIC for m in METHOD_ORDER if (t, m) not in cells],
     }
 
@@ -137,6 +156,19 @@ def markdown(agg: dict, step_time: dict | None) -> str:
             f"| {LABEL[m]} / {t.upper()} | {v['seeds']} | {', '.join(f'{d:+.2f}' for d in v['diffs'])} "
             f"| {statistics.mean(v['diffs']):+.2f} |"
         )
+    if agg["sweeps"]:
+        lines += ["", "Sweeps and diagnostics (same protocol, one flag changed; paired against LoRA at lr 5e-4):", ""]
+        lines += [
+            "| run / task | scores | mean ± std | paired − LoRA (mean) | time × LoRA |",
+            "|---|---|---:|---|---:|",
+        ]
+        for key, v in agg["sweeps"].items():
+            m, t = key.split("/")
+            diffs = v["paired_diffs_vs_lora"]
+            paired = f"{', '.join(f'{d:+.2f}' for d in diffs)} ({statistics.mean(diffs):+.2f})" if diffs else "–"
+            rel = f"{v['train_time_x_lora']:.2f}" if v["train_time_x_lora"] else "–"
+            scores = ", ".join(f"{x:.1f}" for x in v["scores"])
+            lines.append(f"| {m} / {t.upper()} | {scores} | {fmt(v['scores'])} | {paired} | {rel} |")
     if step_time:
         lines += ["", "Isolated step time (bench_step.py, same process, batch 32, seq 128, H100):", ""]
         for model in step_time["models"]:

@@ -59,6 +59,16 @@ for _a in ("1e-5", "1e-3"):
         METHODS[f"iwlora_{_n}_a{_a}"] = [
             "--adapter", "lora", "--iw_alpha", _a, "--iw_normalize", _n, "--learning_rate", LORA_LR
         ]  # fmt: skip
+# WSA without its post-training pruning (τ = 0 keeps every direction): is the adapter or the pruning at fault?
+METHODS["wsa_tau0"] = [*METHODS["wsa"], "--wsa_prune_threshold", "0"]
+# A small lr sweep for the LoRA family on one small task (the grid's lr is LORA_LR for every member).
+for _lr in ("1e-3", "2e-3"):
+    for _m in ("lora", "adalora", "iwlora_sum"):
+        METHODS[f"{_m}_lr{_lr}"] = [*METHODS[_m][:-1], _lr]
+# Per-(method, task) additions to the protocol. gradnorm's default warm-up is one epoch, the whole of SST-2's one-epoch
+# run (the script refuses it: the ranks would never be re-allocated); 421 steps = 20 % of the run, the share the
+# one-epoch warm-up is on the 5-epoch tasks.
+CELL_EXTRA: dict[tuple[str, str], list[str]] = {("gradnorm", "sst2"): ["--rank_warmup_steps", "421"]}
 SIDE_FILES = ("iw_importance.json", "adalora_ranks.json", "wsa_ranks.json", "rank_allocation.json")
 
 
@@ -70,7 +80,7 @@ def command(args: argparse.Namespace, task: str, method: str, seed: int, out: Pa
     return [
         sys.executable, str(ROOT / "run_glue_iw.py"), "--model_name_or_path", args.model, "--glue_dir",
         args.glue_dir, "--task_name", task, "--seed", str(seed), "--output_dir", str(out), *COMMON,
-        *PROTOCOL[task], *METHODS[method], *shlex.split(args.extra),
+        *PROTOCOL[task], *METHODS[method], *CELL_EXTRA.get((method, task), []), *shlex.split(args.extra),
     ]  # fmt: skip
 
 
@@ -89,7 +99,10 @@ def summarize_side_files(out: Path) -> dict:
     if (out / "wsa_ranks.json").is_file():
         ranks = json.loads((out / "wsa_ranks.json").read_text())
         r_eff = {k: v["r_eff"] for k, v in ranks.items()}
+        gates = [abs(g) for v in ranks.values() for g in v.get("gates", [])]
         rec["wsa"] = {"r_eff": r_eff, "r_eff_total": sum(r_eff.values())}
+        if gates:  # |tanh(s)| before pruning: how far the gates got from 0 (pruned below τ)
+            rec["wsa"].update(gate_abs_max=max(gates), gate_abs_mean=sum(gates) / len(gates))
     if (out / "rank_allocation.json").is_file():
         alloc = json.loads((out / "rank_allocation.json").read_text())
         ranks = {k: v["rank"] for k, v in alloc.get("modules", {}).items()}
@@ -158,7 +171,16 @@ def run_grid(args: argparse.Namespace) -> None:
         rec = run_cell(args, *cell)
         with open(results, "a") as f:  # one line per finished cell: a killed session keeps what it finished
             f.write(json.dumps(rec) + "\n")
-        status = "ERROR" if "error" in rec else rec["results"].get("eval_combined_score", "")
+        metrics = rec.get("results", {})
+        score = next(
+            (
+                metrics[k]
+                for k in ("eval_combined_score", "eval_matthews_correlation", "eval_accuracy")
+                if k in metrics
+            ),
+            "",
+        )
+        status = "ERROR" if "error" in rec else score
         print(f"{rec['key']}: {rec['wall_s']:.0f}s {status}", flush=True)
         if "error" in rec:
             print(rec["error"][-600:], flush=True)
