@@ -30,26 +30,26 @@ from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from iwtrainer import IWTrainer
-from iwtrainer.cli import (
+from iwtrainer.adapters import AdapterSetup, build_adapter, count_trainable_parameters
+from iwtrainer.arguments import (
     USER_ERRORS,
     AdapterArguments,
-    AdapterSetup,
     DataTrainingArguments,
     ModelArguments,
-    TaskData,
-    build_adapter,
-    count_trainable_parameters,
-    data_collator_for,
-    label_mapping,
-    load_model_and_tokenizer,
-    load_task_data,
-    make_compute_metrics,
     one_line,
     parse_args,
+)
+from iwtrainer.data import (
+    TaskData,
+    data_collator_for,
+    label_mapping,
+    load_task_data,
+    make_compute_metrics,
     select_splits,
     tokenize_splits,
 )
 from iwtrainer.hpo import BackendNotInstalled, check_search, run_glue_search, search_space, split_hpo_args
+from iwtrainer.modeling import load_model_and_tokenizer
 from iwtrainer.training_args import IWTrainingArguments
 
 logger = logging.getLogger(__name__)

@@ -529,7 +529,7 @@ def write_results(output_dir: str, summary: Mapping[str, Any], error: BaseExcept
 
 # ---- run_glue_iw.py ----------------------------------------------------------------------------------------------
 def _config_suffixes() -> tuple[str, ...]:
-    from .cli import CONFIG_SUFFIXES
+    from .arguments import CONFIG_SUFFIXES
 
     return CONFIG_SUFFIXES
 
@@ -542,10 +542,10 @@ def _hpo_parser() -> Any:
 
 @contextlib.contextmanager
 def split_hpo_args(argv: Sequence[str] | None = None) -> Iterator[tuple[HpoArguments, list[str]]]:
-    """``with split_hpo_args(argv) as (hpo_args, rest): cli.parse_args(rest)``.
+    """``with split_hpo_args(argv) as (hpo_args, rest): arguments.parse_args(rest)``.
 
     Takes the ``--hpo_*`` flags (``--flag value`` or ``--flag=value``) and the ``hpo_*`` keys of a leading config
-    file out of ``argv``; the config file's other keys reach ``cli.parse_args`` through a temporary copy (errors
+    file out of ``argv``; the config file's other keys reach ``arguments.parse_args`` through a temporary copy (errors
     naming it are re-raised naming the original file). Config values are defaults, flags override them.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -563,7 +563,7 @@ def split_hpo_args(argv: Sequence[str] | None = None) -> Iterator[tuple[HpoArgum
                     hint = f" (did you mean {close[0]!r}?)" if close else ""
                     raise ValueError(f"{config}: unknown key {key!r}{hint}; hpo keys are {sorted(names)}")
             if names & set(raw):
-                from .cli import load_config_file
+                from .arguments import load_config_file
 
                 expanded = load_config_file(config, raw)  # ${VAR} expansion as for every other key
                 file_values = {k: expanded[k] for k in raw if k in names}
@@ -627,7 +627,7 @@ def _print_help_on_exit(exc: SystemExit, argv: Sequence[str], parser: Any) -> No
 
 
 def _read_config(path: str) -> Any:
-    """The raw mapping of a YAML/JSON config (``None`` if unreadable: cli.parse_args reports that)."""
+    """The raw mapping of a YAML/JSON config (``None`` if unreadable: arguments.parse_args reports that)."""
     import yaml
 
     try:
@@ -660,7 +660,7 @@ def check_search(run: Any, hpo_args: HpoArguments, space: Mapping[str, Any]) -> 
 
     ``run`` is ``run_glue_iw.Run`` (model/data/adapter/training arguments, data, splits, tokenizer, adapter setup).
     """
-    from .cli import NON_IW_ADAPTERS
+    from .arguments import NON_IW_ADAPTERS
 
     source = hpo_args.hpo_space or "the default search space"
     args = run.training_args
@@ -698,7 +698,9 @@ def run_glue_search(run: Any, hpo_args: HpoArguments, space: Mapping[str, Any]) 
     built while validating the input serves the trainer's construction, then is dropped).
     """
 
-    from .cli import build_adapter, data_collator_for, label_mapping, load_model_and_tokenizer, make_compute_metrics
+    from .adapters import build_adapter
+    from .data import data_collator_for, label_mapping, make_compute_metrics
+    from .modeling import load_model_and_tokenizer
     from .trainer import IWTrainer
 
     args, data_args = run.training_args, run.data_args
