@@ -161,6 +161,7 @@ def test_logs_task_loss_and_penalty(tmp_path):
     names = [t.name for t in find_lora_targets(trainer.model)]
     assert list(record["modules"]) == names
     assert record["settings"]["iw_calib_steps"] == 2 and record["settings"]["iw_normalize"] == "sum"
+    assert 0 < record["calibration_seconds"] < trainer.state.log_history[-1]["train_runtime"]
     for entry in record["modules"].values():
         assert entry["coefficient"] == pytest.approx(1 - entry["weight"])
     assert sum(e["weight"] for e in record["modules"].values()) == pytest.approx(1.0)
