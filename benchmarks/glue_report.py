@@ -80,18 +80,23 @@ def aggregate(rows: list[dict]) -> dict:
                 diffs = [score(cells[(t, m)][s]) - score(cells[(t, "lora")][s]) for s in seeds]
                 if diffs:
                     paired[f"{m}/{t}"] = {"seeds": seeds, "diffs": diffs}
-    # Sweeps and diagnostics (α and lr sweeps, WSA without pruning): every other method, per task, paired vs LoRA.
+    # Sweeps and diagnostics (α and lr sweeps, WSA without pruning): every other method, per task, paired against
+    # its reference run (LoRA, or LoRA at the same lr).
     extra = {}
     for (t, m), runs in sorted(cells.items()):
         if m in METHOD_ORDER:
             continue
-        lora = cells.get((t, "lora"), {})
+        # An lr-sweep run is paired with LoRA at the same lr (e.g. iwlora_sum_lr1e-3 with lora_lr1e-3).
+        lr = m[m.index("_lr") :] if "_lr" in m else ""
+        ref = f"lora{lr}" if m != f"lora{lr}" and (t, f"lora{lr}") in cells else "lora"
+        lora = cells.get((t, ref), {})
         seeds = sorted(set(runs) & set(lora))
         extra[f"{m}/{t}"] = {
+            "reference": ref,
             "scores": [score(runs[s]) for s in sorted(runs)],
             "seeds": sorted(runs),
-            "paired_diffs_vs_lora": [score(runs[s]) - score(lora[s]) for s in seeds],
-            "train_time_x_lora": (
+            "paired_diffs_vs_reference": [score(runs[s]) - score(lora[s]) for s in seeds],
+            "train_time_x_reference": (
                 statistics.mean(r["results"]["train_runtime"] for r in runs.values())
                 / statistics.mean(r["results"]["train_runtime"] for r in lora.values())
                 if lora
@@ -157,18 +162,24 @@ def markdown(agg: dict, step_time: dict | None) -> str:
             f"| {statistics.mean(v['diffs']):+.2f} |"
         )
     if agg["sweeps"]:
-        lines += ["", "Sweeps and diagnostics (same protocol, one flag changed; paired against LoRA at lr 5e-4):", ""]
         lines += [
-            "| run / task | scores | mean ± std | paired − LoRA (mean) | time × LoRA |",
-            "|---|---|---:|---|---:|",
+            "",
+            "Sweeps and diagnostics (the protocol with one flag changed; paired against a reference run):",
+            "",
+        ]
+        lines += [
+            "| run / task | scores | mean ± std | reference | paired − reference (mean) | time × reference |",
+            "|---|---|---:|---|---|---:|",
         ]
         for key, v in agg["sweeps"].items():
             m, t = key.split("/")
-            diffs = v["paired_diffs_vs_lora"]
+            diffs = v["paired_diffs_vs_reference"]
             paired = f"{', '.join(f'{d:+.2f}' for d in diffs)} ({statistics.mean(diffs):+.2f})" if diffs else "–"
-            rel = f"{v['train_time_x_lora']:.2f}" if v["train_time_x_lora"] else "–"
+            rel = f"{v['train_time_x_reference']:.2f}" if v["train_time_x_reference"] else "–"
             scores = ", ".join(f"{x:.1f}" for x in v["scores"])
-            lines.append(f"| {m} / {t.upper()} | {scores} | {fmt(v['scores'])} | {paired} | {rel} |")
+            lines.append(
+                f"| {m} / {t.upper()} | {scores} | {fmt(v['scores'])} | {v['reference']} | {paired} | {rel} |"
+            )
     if step_time:
         lines += ["", "Isolated step time (bench_step.py, same process, batch 32, seq 128, H100):", ""]
         for model in step_time["models"]:
