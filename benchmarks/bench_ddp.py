@@ -1,6 +1,5 @@
-"""1 GPU vs N GPUs with the same global batch, through ``accelerate launch run_glue_iw.py``
-(``torchrun`` with gloo under ``--cpu``): same sensitivities?
-matching loss curves? how much faster?
+"""1 GPU vs N GPUs with the same global batch, through ``accelerate launch run_glue_iw.py`` (``torchrun`` with gloo
+under ``--cpu``): same sensitivities? matching loss curves? how much faster?
 
 Each pair trains IW-LoRA (``sum``, α=1e-4, r=8) on one GLUE task twice: on 1 process with batch B, then on N
 processes with batch B/N each (same seed, same global batch, same steps). It compares the two runs' calibrated
@@ -9,14 +8,16 @@ final dev metric, and the training throughput: samples/s of the whole ``train()`
 included) and of the steps alone (calibration time taken out). Runs are sequential, so timings never overlap.
 
     python benchmarks/bench_ddp.py --model MINILM_DIR --glue_dir GLUE_DIR --nproc 2 --out benchmarks/results/ddp
-    python benchmarks/bench_ddp.py ... --cpu --pairs fp32:8:3 --max_train_samples 256   # a CPU smoke test (gloo)
+    python benchmarks/bench_ddp.py ... --deberta_shapes --calib_steps 50 --pairs bf16:32:150,bf16:128:60 \\
+        --max_train_samples 20000 --out benchmarks/results/ddp_deberta
+    python benchmarks/bench_ddp.py ... --cpu --pairs fp32:8:6:nodrop --max_train_samples 256   # CPU smoke test
 
 Pairs are ``PRECISION:GLOBAL_BATCH:STEPS[:nodrop]``: fp32 shows the equivalence without bf16 round-off; ``nodrop``
 turns every dropout off (encoder config and LoRA), so the two runs see the same samples through the same function
 and their loss curves must agree to float round-off (with dropout, each rank draws its own masks: the curves agree
-only statistically); bf16 at batch 32 is the GLUE grid's setting, bf16 at a larger batch shows scaling once the GPUs
-have work to share. The 1-process run sees one GPU (``CUDA_VISIBLE_DEVICES``), else the Trainer would wrap the
-model in ``nn.DataParallel`` over all of them and double its batch.
+only statistically); bf16 at batch 32 is the GLUE grid's setting; bf16 at a larger batch tests whether more work
+per GPU lets data parallelism pay off. The 1-process run sees one GPU (``CUDA_VISIBLE_DEVICES``), else the Trainer
+would wrap the model in ``nn.DataParallel`` over all of them and double its batch.
 """
 
 from __future__ import annotations
