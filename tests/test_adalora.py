@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 from peft import get_peft_model
-from tiny import HEAD, TARGETS, RandomClassification, tiny_base
+from tiny import HEAD, TARGETS, RandomClassification, tiny_args, tiny_base
 from transformers import Trainer, TrainingArguments
 
 from iwtrainer import IWTrainer, IWTrainingArguments
@@ -31,21 +31,8 @@ def tiny_adalora(total_step=STEPS, lora_r=4, **kw):
 
 
 def make_args(tmp_path, cls=TrainingArguments, **kw):
-    defaults = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        max_steps=STEPS,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=10,
-        disable_tqdm=True,
-        seed=0,
-    )
-    defaults.update(kw)
-    return cls(**defaults)
+    run = dict(per_device_train_batch_size=8, max_steps=STEPS, learning_rate=1e-2, logging_steps=10)
+    return tiny_args(tmp_path, cls, **{**run, **kw})
 
 
 def run(tmp_path, model, callbacks, **kw):

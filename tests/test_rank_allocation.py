@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from tiny import HEAD, RandomClassification, batches, tiny_base, tiny_lora
+from tiny import HEAD, RandomClassification, batches, tiny_args, tiny_base, tiny_lora
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import TrainerControl, TrainerState
 
@@ -243,23 +243,11 @@ class Snapshot(TrainerCallback):
 
 
 def make_args(tmp_path, cls=TrainingArguments, **kw):
-    defaults = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=16,
-        max_steps=16,
-        learning_rate=1e-2,
-        optim="adamw_torch",
-        lr_scheduler_type="constant",
-        weight_decay=0.01,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
+    run = dict(
+        per_device_train_batch_size=16, max_steps=16, learning_rate=1e-2, optim="adamw_torch", weight_decay=0.01,
         logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-    )
-    defaults.update(kw)
-    return cls(**defaults)
+    )  # fmt: skip
+    return tiny_args(tmp_path, cls, **{**run, **kw})
 
 
 WARMUP = 4

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from tiny import RandomClassification, tiny_base, tiny_lora
+from tiny import RandomClassification, tiny_args, tiny_base, tiny_lora
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import iwtrainer.callbacks as callbacks_module
@@ -13,27 +13,11 @@ from iwtrainer import IMPORTANCE_FILE, IWTrainer, IWTrainingArguments, Sensitivi
 
 
 def make_args(tmp_path, **kw) -> IWTrainingArguments:
-    defaults = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=32,
-        max_steps=3,
-        learning_rate=0.05,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        iw_alpha=0.5,
-        iw_calib_steps=2,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-    )
-    defaults.update(kw)
-    return IWTrainingArguments(**defaults)
+    run = dict(
+        per_device_train_batch_size=32, max_steps=3, learning_rate=0.05, optim="sgd", warmup_steps=0,
+        weight_decay=0.0, iw_alpha=0.5, iw_calib_steps=2, logging_steps=1, data_seed=0,
+    )  # fmt: skip
+    return tiny_args(tmp_path, IWTrainingArguments, **{**run, **kw})
 
 
 def lora_state(model) -> dict[str, torch.Tensor]:

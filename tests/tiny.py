@@ -11,6 +11,7 @@ from transformers import (
     DebertaV2ForSequenceClassification,
     GPT2Config,
     GPT2ForSequenceClassification,
+    TrainingArguments,
 )
 
 VOCAB = 97
@@ -109,3 +110,13 @@ def batches(ds: RandomClassification, batch_size: int) -> list[dict[str, torch.T
 
 def base_weight(target) -> torch.nn.Parameter:
     return target.module.get_base_layer().weight
+
+
+def tiny_args(output_dir, cls: type = TrainingArguments, **kw) -> TrainingArguments:
+    """Trainer arguments for a short, quiet, deterministic CPU run (constant lr, seed 0, nothing saved or reported);
+    ``kw`` sets the run's own values and overrides these."""
+    quiet = dict(
+        output_dir=str(output_dir), lr_scheduler_type="constant", report_to="none", use_cpu=True,
+        save_strategy="no", disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    return cls(**{**quiet, **kw})
