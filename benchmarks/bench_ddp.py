@@ -33,6 +33,9 @@ from pathlib import Path
 from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from iwtrainer.hpo import objective_metric  # noqa: E402
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
@@ -74,10 +77,16 @@ def no_dropout_model(model: str, folder: Path) -> str:
 
 
 def launch(
-    args: argparse.Namespace, nproc: int, precision: str, global_batch: int, steps: int, out: Path, nodrop: bool
+    args: argparse.Namespace,
+    model: str,
+    nproc: int,
+    precision: str,
+    global_batch: int,
+    steps: int,
+    out: Path,
+    nodrop: bool,
 ) -> dict:
     """One run of run_glue_iw.py under ``accelerate launch``; returns its results, importance and log."""
-    model = no_dropout_model(args.model, Path(args.runs_dir) / "model_nodrop") if nodrop else args.model
     if args.cpu:  # accelerate's CPU multi-process path needs MPI; torchrun sets up the same gloo group
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
         launcher += ["--master_addr", "127.0.0.1", "--master_port", str(29500 + nproc)]
@@ -177,7 +186,7 @@ def markdown(report: dict) -> str:
     for p in report["pairs"]:
         c = p["compare"]
         m1, mn = p["one"]["eval"], p["many"]["eval"]
-        key = "eval_accuracy" if "eval_accuracy" in m1 else sorted(m1)[0]
+        key = objective_metric(report["task"])
         lines.append(
             f"| {p['precision']} | {'on' if p['dropout'] else 'off'} | {p['global_batch']} | "
             f"{p['global_batch'] // n} | {p['steps']} | "
@@ -227,10 +236,11 @@ def main() -> None:
     launcher = "torchrun --nproc_per_node N (gloo)" if args.cpu else "accelerate launch --num_processes N"
     report.update(launcher=launcher, logging_steps=args.logging_steps, pairs=[])
     for precision, batch, steps, nodrop in pairs:
+        model = no_dropout_model(args.model, Path(args.runs_dir) / "model_nodrop") if nodrop else args.model
         runs = {}
         for nproc in (1, args.nproc):
             name = f"{precision}_b{batch}_n{nproc}" + ("_nodrop" if nodrop else "")
-            runs[nproc] = launch(args, nproc, precision, batch, steps, Path(args.runs_dir) / name, nodrop)
+            runs[nproc] = launch(args, model, nproc, precision, batch, steps, Path(args.runs_dir) / name, nodrop)
             r = runs[nproc]
             print(f"{name}: {r['samples_per_s']:.0f} samples/s (steps {r['step_samples_per_s']:.0f}), {r['eval']}")
         pair = {

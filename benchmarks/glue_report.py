@@ -12,16 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
-TASK_METRIC = {
-    "rte": ("eval_accuracy", "acc"),
-    "mrpc": ("eval_combined_score", "acc/F1"),
-    "stsb": ("eval_combined_score", "Pearson/Spearman"),
-    "cola": ("eval_matthews_correlation", "MCC"),
-    "sst2": ("eval_accuracy", "acc"),
-}
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from iwtrainer.hpo import objective_metric  # noqa: E402  (the task's GLUE metric: the one reported and searched)
+
+# The grid's tasks in table order, with what their metric averages.
+TASK_LABEL = {"rte": "acc", "mrpc": "acc/F1", "stsb": "Pearson/Spearman", "cola": "MCC", "sst2": "acc"}
 METHOD_ORDER = ["full", "lora", "adalora", "iwlora_sum", "iwlora_max", "gradnorm", "wsa"]
 LABEL = {
     "full": "Full FT",
@@ -40,7 +40,7 @@ def load(path: Path) -> list[dict]:
 
 
 def score(run: dict) -> float:
-    return 100 * run["results"][TASK_METRIC[run["task"]][0]]
+    return 100 * run["results"][objective_metric(run["task"])]
 
 
 def fmt(values: list[float]) -> str:
@@ -50,11 +50,23 @@ def fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {sd:.1f}"
 
 
+def runtime_ratio(runs: dict[int, dict], ref: dict[int, dict]) -> float:
+    """Mean ``train_runtime`` of ``runs`` over that of ``ref`` (both: seed -> run of one task)."""
+    mean = lambda rs: statistics.mean(r["results"]["train_runtime"] for r in rs.values())  # noqa: E731
+    return mean(runs) / mean(ref)
+
+
+def paired_diffs(runs: dict[int, dict], ref: dict[int, dict]) -> tuple[list[int], list[float]]:
+    """Score differences ``runs − ref`` over the seeds both have."""
+    seeds = sorted(set(runs) & set(ref))
+    return seeds, [score(runs[s]) - score(ref[s]) for s in seeds]
+
+
 def aggregate(rows: list[dict]) -> dict:
     cells: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
     for r in rows:
         cells[(r["task"], r["method"])][r["seed"]] = r
-    tasks = [t for t in TASK_METRIC if any(k[0] == t for k in cells)]
+    tasks = [t for t in TASK_LABEL if any(k[0] == t for k in cells)]
     methods = [m for m in METHOD_ORDER if any(k[1] == m for k in cells)]
     table = {m: {t: [score(run) for run in cells[(t, m)].values()] for t in tasks if (t, m) in cells} for m in methods}
     # Relative training time: train_runtime against LoRA's on the same task, averaged over tasks. All runs of a
@@ -64,9 +76,7 @@ def aggregate(rows: list[dict]) -> dict:
         ratios = []
         for t in tasks:
             if (t, m) in cells and (t, "lora") in cells:
-                mine = statistics.mean(run["results"]["train_runtime"] for run in cells[(t, m)].values())
-                lora = statistics.mean(run["results"]["train_runtime"] for run in cells[(t, "lora")].values())
-                ratios.append(mine / lora)
+                ratios.append(runtime_ratio(cells[(t, m)], cells[(t, "lora")]))
         rel_time[m] = statistics.mean(ratios) if ratios else None
     complete = [t for t in tasks if all((t, m) in cells and len(cells[(t, m)]) >= 3 for m in methods)]
     average = {
@@ -76,8 +86,7 @@ def aggregate(rows: list[dict]) -> dict:
     for m in ("iwlora_sum", "iwlora_max", "gradnorm", "adalora"):
         for t in tasks:
             if (t, m) in cells and (t, "lora") in cells:
-                seeds = sorted(set(cells[(t, m)]) & set(cells[(t, "lora")]))
-                diffs = [score(cells[(t, m)][s]) - score(cells[(t, "lora")][s]) for s in seeds]
+                seeds, diffs = paired_diffs(cells[(t, m)], cells[(t, "lora")])
                 if diffs:
                     paired[f"{m}/{t}"] = {"seeds": seeds, "diffs": diffs}
     # Sweeps and diagnostics (α and lr sweeps, WSA without pruning): every other method, per task, paired against
@@ -90,18 +99,12 @@ def aggregate(rows: list[dict]) -> dict:
         lr = m[m.index("_lr") :] if "_lr" in m else ""
         ref = f"lora{lr}" if m != f"lora{lr}" and (t, f"lora{lr}") in cells else "lora"
         lora = cells.get((t, ref), {})
-        seeds = sorted(set(runs) & set(lora))
         extra[f"{m}/{t}"] = {
             "reference": ref,
             "scores": [score(runs[s]) for s in sorted(runs)],
             "seeds": sorted(runs),
-            "paired_diffs_vs_reference": [score(runs[s]) - score(lora[s]) for s in seeds],
-            "train_time_x_reference": (
-                statistics.mean(r["results"]["train_runtime"] for r in runs.values())
-                / statistics.mean(r["results"]["train_runtime"] for r in lora.values())
-                if lora
-                else None
-            ),
+            "paired_diffs_vs_reference": paired_diffs(runs, lora)[1],
+            "train_time_x_reference": runtime_ratio(runs, lora) if lora else None,
         }
     params = {m: next(iter(cells[(tasks[0], m)].values()))["results"]["trainable_params"] for m in methods}
     return {
@@ -114,7 +117,7 @@ def aggregate(rows: list[dict]) -> dict:
         "paired_vs_lora": paired,
         "trainable_params": params,
         "sweeps": extra,
-        "missing": [f"{t}/{m}" for t in TASK_METRIC for m in METHOD_ORDER if (t, m) not in cells],
+        "missing": [f"{t}/{m}" for t in TASK_LABEL for m in METHOD_ORDER if (t, m) not in cells],
     }
 
 
@@ -141,7 +144,7 @@ def chart(agg: dict, path: Path) -> None:
 
 def markdown(agg: dict, step_time: dict | None) -> str:
     tasks = agg["tasks"]
-    head = "| method | trainable params | " + " | ".join(f"{t.upper()} ({TASK_METRIC[t][1]})" for t in tasks)
+    head = "| method | trainable params | " + " | ".join(f"{t.upper()} ({TASK_LABEL[t]})" for t in tasks)
     head += f" | avg ({'+'.join(t.upper() for t in agg['complete_tasks'])}) | train time × LoRA |"
     lines = [head, "|---|---:|" + "---:|" * len(tasks) + "---:|---:|"]
     for m in agg["methods"]:

@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from iwtrainer.hpo import objective_metric  # noqa: E402  (the task's GLUE metric, as the search maximises it)
 
 # One protocol per task (epochs, sequence length, warm-up); batch 32, AdamW, linear decay, dynamic padding, the
 # dev metric of the final model (no checkpoint selection on dev). Sizes: RTE 2.5k, MRPC 3.7k, STS-B 5.7k,
@@ -61,10 +63,18 @@ for _a in ("1e-5", "1e-3"):
         ]  # fmt: skip
 # WSA without its post-training pruning (τ = 0 keeps every direction): is the adapter or the pruning at fault?
 METHODS["wsa_tau0"] = [*METHODS["wsa"], "--wsa_prune_threshold", "0"]
+
+
+def with_value(flags: list[str], flag: str, value: str) -> list[str]:
+    """``flags`` with the value after ``flag`` replaced (the flag must be there: a sweep changes one setting)."""
+    i = flags.index(flag)
+    return [*flags[: i + 1], value, *flags[i + 2 :]]
+
+
 # A small lr sweep for the LoRA family on one small task (the grid's lr is LORA_LR for every member).
 for _lr in ("1e-3", "2e-3"):
     for _m in ("lora", "adalora", "iwlora_sum"):
-        METHODS[f"{_m}_lr{_lr}"] = [*METHODS[_m][:-1], _lr]
+        METHODS[f"{_m}_lr{_lr}"] = with_value(METHODS[_m], "--learning_rate", _lr)
 # Per-(method, task) additions to the protocol. gradnorm's default warm-up is one epoch, the whole of SST-2's one-epoch
 # run (the script refuses it: the ranks would never be re-allocated); 421 steps = 20 % of the run, the share the
 # one-epoch warm-up is on the 5-epoch tasks.
@@ -171,16 +181,7 @@ def run_grid(args: argparse.Namespace) -> None:
         rec = run_cell(args, *cell)
         with open(results, "a") as f:  # one line per finished cell: a killed session keeps what it finished
             f.write(json.dumps(rec) + "\n")
-        metrics = rec.get("results", {})
-        score = next(
-            (
-                metrics[k]
-                for k in ("eval_combined_score", "eval_matthews_correlation", "eval_accuracy")
-                if k in metrics
-            ),
-            "",
-        )
-        status = "ERROR" if "error" in rec else score
+        status = "ERROR" if "error" in rec else rec["results"].get(objective_metric(rec["task"]), "")
         print(f"{rec['key']}: {rec['wall_s']:.0f}s {status}", flush=True)
         if "error" in rec:
             print(rec["error"][-600:], flush=True)
