@@ -14,6 +14,7 @@ from .importance import (
 )
 from .penalty import IWPenalty, iw_penalty
 from .sensitivity import compute_sensitivities, preserved_training_state
+from .settings import IWSettings
 from .targets import LoraTarget, find_lora_targets
 from .trainer import IWTrainer
 from .training_args import IWTrainingArguments
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "IMPORTANCE_FILE",
     "IWPenalty",
+    "IWSettings",
     "IWTrainer",
     "IWTrainingArguments",
     "LoraTarget",

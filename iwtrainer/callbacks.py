@@ -14,12 +14,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .importance import IMPORTANCE_FILE, importance_record, load_importance, save_importance
 from .sensitivity import LossFn, compute_sensitivities, preserved_training_state
+from .settings import IWSettings
 from .targets import find_lora_targets
-from .training_args import check_iw_values
 
 logger = logging.getLogger(__name__)
-
-_DEFAULTS = {"iw_calib_steps": 150, "iw_normalize": "sum", "iw_beta": 1.0, "iw_alpha": 1e-4, "iw_penalty": "delta"}
 
 
 class SensitivityCallback(TrainerCallback):
@@ -60,17 +58,9 @@ class SensitivityCallback(TrainerCallback):
         """The folder of this run: ``self.output_dir``, or ``args.output_dir`` when unset."""
         return self.output_dir if self.output_dir is not None else args.output_dir
 
-    def _setting(self, args: TrainingArguments, name: str, own: Any) -> Any:
-        return own if own is not None else getattr(args, name, _DEFAULTS[name])
-
-    def settings(self, args: TrainingArguments) -> dict[str, Any]:
-        return {
-            "iw_alpha": getattr(args, "iw_alpha", None),
-            "iw_beta": self._setting(args, "iw_beta", self.beta),
-            "iw_calib_steps": self._setting(args, "iw_calib_steps", self.calib_steps),
-            "iw_normalize": self._setting(args, "iw_normalize", self.normalize),
-            "iw_penalty": getattr(args, "iw_penalty", None),
-        }
+    def settings(self, args: TrainingArguments) -> IWSettings:
+        """``args``' IW fields (``IWSettings`` defaults where ``args`` has none), with this callback's own values."""
+        return IWSettings.from_args(args, beta=self.beta, calib_steps=self.calib_steps, normalize=self.normalize)
 
     @property
     def coefficients(self) -> dict[str, float]:
@@ -91,10 +81,7 @@ class SensitivityCallback(TrainerCallback):
         self.record = None
         if getattr(args, "iw_alpha", None) == 0:
             return  # plain LoRA: nothing to measure
-        settings = self.settings(args)
-        check_iw_values(
-            beta=settings["iw_beta"], calib_steps=settings["iw_calib_steps"], normalize=settings["iw_normalize"]
-        )
+        settings = self.settings(args)  # validated
         if model is None or train_dataloader is None:
             raise RuntimeError("SensitivityCallback needs the Trainer's model and train_dataloader at on_train_begin")
         if state.global_step > 0:
@@ -106,19 +93,17 @@ class SensitivityCallback(TrainerCallback):
             sensitivities = compute_sensitivities(
                 model,
                 train_dataloader,
-                num_steps=settings["iw_calib_steps"],
+                num_steps=settings.calib_steps,
                 gradient_accumulation_steps=args.gradient_accumulation_steps,
                 loss_fn=self.loss_fn,
                 adapter_name=self.adapter_name,
                 autocast_dtype=autocast,
                 show_progress=self.show_progress and not args.disable_tqdm,
             )
-        self.record = importance_record(
-            sensitivities,
-            settings["iw_normalize"],
-            settings["iw_beta"],
-            {k: v for k, v in settings.items() if k not in ("iw_normalize", "iw_beta")},
-        )
+        recorded = settings.as_args()
+        if not hasattr(args, "iw_alpha"):  # a plain Trainer's args: alpha and penalty live with the user's penalty
+            recorded.update(iw_alpha=None, iw_penalty=None)
+        self.record = importance_record(sensitivities, settings.normalize, settings.beta, recorded)
         # Its cost, for users and benchmarks (sensitivities are floats read back from the device: already synced).
         self.record["calibration_seconds"] = time.perf_counter() - start
         if state.is_world_process_zero:

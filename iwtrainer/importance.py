@@ -12,8 +12,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from .files import write_json
+from .settings import NORMALIZATIONS
+
 IMPORTANCE_FILE = "iw_importance.json"
-NORMALIZATIONS = ("sum", "max")
 
 
 def importance_weights(sensitivities: Mapping[str, float], normalize: str = "sum") -> dict[str, float]:
@@ -60,13 +62,7 @@ def importance_record(
 
 def save_importance(record: Mapping[str, Any], directory: str) -> str:
     """Write ``directory/iw_importance.json`` atomically (a crash never leaves half a file)."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, IMPORTANCE_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, path)
-    return path
+    return write_json(os.path.join(directory, IMPORTANCE_FILE), record)
 
 
 def load_importance(directory_or_file: str) -> dict[str, Any]:

@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from .importance import penalty_coefficients
+from .settings import PENALTY_FORMS
 from .targets import LoraTarget, find_lora_targets
-
-PENALTY_FORMS = ("delta", "factors")
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

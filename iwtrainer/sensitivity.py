@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -54,16 +55,6 @@ def _batch_size(batch: Mapping[str, Any]) -> int:
         if torch.is_tensor(value) and value.dim() > 0:
             return int(value.shape[0])
     return 1
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return type(batch)({k: _to_device(v, device) for k, v in batch.items()})
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
 
 
 def _base_shape(target: LoraTarget) -> tuple[int, int]:
@@ -224,7 +215,7 @@ def compute_sensitivities(
             examples.zero_()
             got = 0
             for batch in iterator:
-                batch = _to_device(batch, device)
+                batch = send_to_device(batch, device, non_blocking=True)
                 n = _batch_size(batch)
                 with amp:
                     loss = loss_fn(inner, batch)

@@ -16,7 +16,7 @@ from transformers import Trainer
 from .callbacks import SensitivityCallback
 from .penalty import IWPenalty
 from .targets import find_lora_targets, layout_version, unwrap_model
-from .training_args import IWTrainingArguments, validate_iw_settings
+from .training_args import IWTrainingArguments
 
 
 def model_uses_num_items(model: nn.Module) -> bool:
@@ -106,6 +106,18 @@ class IWTrainer(Trainer):
         if getattr(self, "model_accepts_loss_kwargs", False) and model is not None and not model_uses_num_items(model):
             self.model_accepts_loss_kwargs = False
 
+    def _check_step_driven_tuner(self) -> None:
+        """A peft tuner with ``update_and_allocate`` (AdaLoRA) must be driven after every optimizer step by a
+        callback that says so (``drives_update_and_allocate = True``); without one it silently trains as plain LoRA."""
+        tuner = getattr(unwrap_model(self.model), "base_model", None) if self.model is not None else None
+        if not callable(getattr(tuner, "update_and_allocate", None)):
+            return
+        if not any(getattr(cb, "drives_update_and_allocate", False) for cb in self.callback_handler.callbacks):
+            raise ValueError(
+                f"{type(tuner).__name__} needs update_and_allocate after each optimizer step: add "
+                "iwtrainer.methods.adalora.AdaLoraCallback; without it training is plain LoRA with a fixed rank"
+            )
+
     def call_model_init(self, trial: Any = None) -> nn.Module:
         """``model_init``'s model (at construction and at every ``train()``), checked like a ``model=`` argument."""
         model = super().call_model_init(trial)
@@ -141,18 +153,8 @@ class IWTrainer(Trainer):
         ignore_keys_for_eval: list[str] | None = None,
         **kwargs: Any,
     ):
-        validate_iw_settings(self.args)  # hyperparameter_search may have set trial values
-        peft_configs = getattr(unwrap_model(self.model), "peft_config", None) if self.model is not None else None
-        if isinstance(peft_configs, Mapping) and any(
-            getattr(c.peft_type, "value", c.peft_type) == "ADALORA" for c in peft_configs.values()
-        ):
-            from .adalora import AdaLoraCallback  # lazy: adalora imports peft
-
-            if not any(isinstance(cb, AdaLoraCallback) for cb in self.callback_handler.callbacks):
-                raise ValueError(
-                    "AdaLoRA needs iwtrainer.adalora.AdaLoraCallback (update_and_allocate after each optimizer "
-                    "step); without it training is plain LoRA with a fixed rank"
-                )
+        self.args.iw_settings  # noqa: B018 - validates: hyperparameter_search may have set trial values
+        self._check_step_driven_tuner()
         if self.iw_active:
             self._check_supported()
         self._iw_logs = {}

@@ -1,18 +1,17 @@
-"""``IWTrainingArguments``: ``TrainingArguments`` plus the IW-LoRA fields.
+"""``IWTrainingArguments``: ``TrainingArguments`` plus the IW-LoRA fields (``iw_*`` = the fields of ``IWSettings``).
 
 The fields live on the arguments (not on the trainer) so ``HfArgumentParser``, YAML configs and
-``Trainer.hyperparameter_search`` (which sets trial values on ``args``) all reach them.
+``Trainer.hyperparameter_search`` (which sets trial values on ``args``) all reach them. Defaults and validation are
+``IWSettings``'; :attr:`IWTrainingArguments.iw_settings` is the validated view.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .importance import NORMALIZATIONS
-from .penalty import PENALTY_FORMS
+from .settings import NORMALIZATIONS, PENALTY_FORMS, IWSettings
 
 
 @dataclass
@@ -39,55 +38,28 @@ class IWTrainingArguments(TrainingArguments):
     """
 
     iw_alpha: float = field(
-        default=1e-4,
+        default=IWSettings.alpha,
         metadata={"help": "Strength α of the IW penalty α·Σ_k (1−w_k)^β·‖Δ_k‖²; 0 = plain LoRA (no calibration)."},
     )
-    iw_beta: float = field(default=1.0, metadata={"help": "Exponent β of the coefficient (1−w_k)^β."})
+    iw_beta: float = field(default=IWSettings.beta, metadata={"help": "Exponent β of the coefficient (1−w_k)^β."})
     iw_calib_steps: int = field(
-        default=150, metadata={"help": "Calibration batches N used to average the sensitivities s_k."}
+        default=IWSettings.calib_steps,
+        metadata={"help": "Calibration batches N used to average the sensitivities s_k."},
     )
     iw_normalize: str = field(
-        default="sum",
+        default=IWSettings.normalize,
         metadata={"help": "Importance normalisation: 'sum' (w=s/Σs) or 'max' (w=s/max s).", "choices": NORMALIZATIONS},
     )
     iw_penalty: str = field(
-        default="delta",
+        default=IWSettings.penalty,
         metadata={"help": "Penalty form: 'delta' (exact ‖Δ‖²) or 'factors' (‖A‖²+‖B‖²).", "choices": PENALTY_FORMS},
     )
 
     def __post_init__(self):
         super().__post_init__()
-        validate_iw_settings(self)
+        self.iw_settings  # noqa: B018 - validates, naming the iw_* argument
 
-
-def check_iw_values(
-    alpha: float | None = None,
-    beta: float | None = None,
-    calib_steps: int | None = None,
-    normalize: str | None = None,
-    penalty: str | None = None,
-) -> None:
-    """Raise ``ValueError`` naming the argument for an out-of-range IW setting; ``None`` means "not given"."""
-    if alpha is not None and (not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0):
-        raise ValueError(f"iw_alpha must be a finite number >= 0, got {alpha!r}")
-    if beta is not None and (not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0):
-        raise ValueError(f"iw_beta must be a finite number >= 0, got {beta!r}")
-    if calib_steps is not None and (
-        not isinstance(calib_steps, int) or isinstance(calib_steps, bool) or calib_steps < 1
-    ):
-        raise ValueError(f"iw_calib_steps must be an integer >= 1, got {calib_steps!r}")
-    if normalize is not None and normalize not in NORMALIZATIONS:
-        raise ValueError(f"iw_normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-    if penalty is not None and penalty not in PENALTY_FORMS:
-        raise ValueError(f"iw_penalty must be one of {PENALTY_FORMS}, got {penalty!r}")
-
-
-def validate_iw_settings(args: object) -> None:
-    """``check_iw_values`` on the IW fields of ``args`` (also re-run on HPO trial values)."""
-    check_iw_values(
-        getattr(args, "iw_alpha", None),
-        getattr(args, "iw_beta", None),
-        getattr(args, "iw_calib_steps", None),
-        getattr(args, "iw_normalize", None),
-        getattr(args, "iw_penalty", None),
-    )
+    @property
+    def iw_settings(self) -> IWSettings:
+        """The ``iw_*`` fields as validated :class:`IWSettings` (read anew: search trials set fields on ``args``)."""
+        return IWSettings.from_args(self)

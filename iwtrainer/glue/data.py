@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from ..training_args import IWTrainingArguments
 from .arguments import DataTrainingArguments, ModelArguments, _file_extension
-from .glue import compute_glue_metrics, get_glue_task, load_glue_from_dir
-from .training_args import IWTrainingArguments
+from .tasks import compute_glue_metrics, get_glue_task
+from .tsv import load_glue_from_dir
 
 logger = logging.getLogger(__name__)
 

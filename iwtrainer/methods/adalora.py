@@ -17,18 +17,22 @@ is ever pruned. [`AdaLoraCallback`] makes the call (``on_optimizer_step``: after
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from peft import AdaLoraConfig
+from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .targets import unwrap_model
+from ..files import write_json
+from ..targets import unwrap_model
+from ..training_args import IWTrainingArguments
+from .base import Method, MethodContext, MethodSetup, estimate_train_steps, has_length
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +191,8 @@ class AdaLoraCallback(TrainerCallback):
     ``self.history`` has one entry per mask update: ``{"global_step", "budget", "total_rank"}``.
     """
 
+    drives_update_and_allocate = True  # what IWTrainer checks for before training a peft AdaLoRA model
+
     def __init__(
         self, tinit_frac: float | None = None, tfinal_frac: float | None = None, write_file: bool = True
     ) -> None:
@@ -308,12 +314,89 @@ class AdaLoraCallback(TrainerCallback):
             "history": self.history,
         }
         if self.write_file and state.is_world_process_zero:
-            os.makedirs(args.output_dir, exist_ok=True)
-            with open(os.path.join(args.output_dir, ADALORA_FILE), "w") as f:
-                json.dump(self.record, f, indent=2)
+            write_json(os.path.join(args.output_dir, ADALORA_FILE), self.record)
         logger.info(
             "AdaLoRA: final total rank %d (target %d) over %d matrices",
             self.record["final_budget"],
             self.record["target_budget"],
             len(self.final_ranks),
         )
+
+
+# -- the method ----------------------------------------------------------------------------------------------------
+@dataclass
+class AdaLoraArguments:
+    """``--adapter adalora``: target_r = --lora_r, init_r = ceil(1.5·lora_r), pruned on this schedule."""
+
+    adalora_tinit_frac: float = field(
+        default=0.1,
+        metadata={"help": "AdaLoRA: fraction of the run's optimizer steps trained at the initial budget (tinit)."},
+    )
+    adalora_tfinal_frac: float = field(
+        default=0.2,
+        metadata={"help": "AdaLoRA: fraction of the run's optimizer steps trained at the final budget (tfinal)."},
+    )
+    adalora_delta_t: int = field(
+        default=10, metadata={"help": "AdaLoRA: optimizer steps between two rank re-allocations (deltaT)."}
+    )
+    adalora_orth_reg_weight: float = field(
+        default=0.5, metadata={"help": "AdaLoRA: weight of the orthogonality regulariser on P and Q."}
+    )
+
+    def __post_init__(self) -> None:
+        for flag in ("adalora_tinit_frac", "adalora_tfinal_frac"):
+            if not 0 <= getattr(self, flag) < 1:
+                raise ValueError(f"--{flag} must be in [0, 1), got {getattr(self, flag)}")
+        if self.adalora_tinit_frac + self.adalora_tfinal_frac >= 1:
+            raise ValueError(
+                f"--adalora_tinit_frac {self.adalora_tinit_frac:g} + --adalora_tfinal_frac "
+                f"{self.adalora_tfinal_frac:g} must be < 1: AdaLoRA needs steps in between to prune the rank budget"
+            )
+        if self.adalora_delta_t < 1:
+            raise ValueError(f"--adalora_delta_t must be >= 1, got {self.adalora_delta_t}")
+        if self.adalora_orth_reg_weight < 0:
+            raise ValueError(f"--adalora_orth_reg_weight must be >= 0, got {self.adalora_orth_reg_weight}")
+
+
+_PROVISIONAL_TOTAL_STEPS = 10_000
+"""AdaLoRA's ``total_step`` when neither ``--max_steps`` nor the data size is known yet; ``AdaLoraCallback`` sets the
+run's real length (and re-derives tinit/tfinal from the fractions) at ``on_train_begin``."""
+
+
+class AdaLoraMethod(Method):
+    """peft AdaLoRA on the LoRA targets with LoRA's average rank budget, driven by :class:`AdaLoraCallback`.
+
+    ``total_step`` is provisional (``--max_steps``, else checked against the data size in :meth:`prepare`); the
+    callback corrects it to the Trainer's ``max_steps`` at ``on_train_begin``.
+    """
+
+    name = "adalora"
+    arguments = AdaLoraArguments
+
+    def build(self, model: nn.Module, ctx: MethodContext) -> MethodSetup:
+        from peft import get_peft_model
+
+        opts: AdaLoraArguments = ctx.options
+        training_args, lora = ctx.training_args, ctx.adapter_args
+        total = training_args.max_steps if training_args.max_steps > 0 else _PROVISIONAL_TOTAL_STEPS
+        config = adalora_config(
+            ctx.spec,
+            lora_r=lora.lora_r,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.lora_dropout,
+            total_step=total,
+            tinit_frac=opts.adalora_tinit_frac,
+            tfinal_frac=opts.adalora_tfinal_frac,
+            delta_t=opts.adalora_delta_t,
+            orth_reg_weight=opts.adalora_orth_reg_weight,
+            modules_to_save=list(ctx.heads) or None,
+        )
+        callback = AdaLoraCallback(opts.adalora_tinit_frac, opts.adalora_tfinal_frac)
+        return MethodSetup(get_peft_model(model, config), self.name, ctx.targets, ctx.heads, callbacks=[callback])
+
+    def prepare(self, setup: MethodSetup, train_dataset: Any, collator: Callable, args: IWTrainingArguments) -> None:
+        if has_length(train_dataset):  # the schedule must fit the run: a clear error before anything is written
+            opts: AdaLoraArguments = setup.options
+            adalora_schedule(
+                estimate_train_steps(len(train_dataset), args), opts.adalora_tinit_frac, opts.adalora_tfinal_frac
+            )

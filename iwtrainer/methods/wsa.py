@@ -24,27 +24,25 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-from collections.abc import Iterable
+import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D  # GPT-2 style layer: weight stored d_in x d_out, y = x @ W + b.
 
-try:  # GPT-2 style layer: weight stored d_in x d_out, y = x @ W + b.
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a hard dependency of the package in practice
-    Conv1D = None
+from ..files import write_json
+from ..targets import candidates_message, is_under, linear_types, module_matches
+from .base import Method, MethodContext, MethodSetup
 
 logger = logging.getLogger(__name__)
 
 WSA_CONFIG_NAME = "wsa_config.json"
 WSA_WEIGHTS_NAME = "wsa_model.safetensors"
 WSA_FORMAT_VERSION = 1
-
-_SUPPORTED = (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)
 
 
 @dataclass
@@ -103,10 +101,10 @@ class WSALinear(nn.Module):
     def __init__(self, base_layer: nn.Module, r: int = 16, *, init_svd: bool = True) -> None:
         """Wrap ``base_layer``; ``init_svd=False`` only allocates rank-``r`` slots (filled by :func:`load_wsa`)."""
         super().__init__()
-        if not isinstance(base_layer, _SUPPORTED):
+        if not isinstance(base_layer, linear_types()):
             raise TypeError(f"WSALinear supports nn.Linear and transformers Conv1D, got {type(base_layer).__name__}")
         self.base_layer = base_layer
-        self.is_conv1d = Conv1D is not None and isinstance(base_layer, Conv1D)
+        self.is_conv1d = isinstance(base_layer, Conv1D)
         weight = base_layer.weight
         self.out_features, self.in_features = (weight.shape[1], weight.shape[0]) if self.is_conv1d else weight.shape
         r = int(min(r, self.out_features, self.in_features))
@@ -202,26 +200,6 @@ class WSALinear(nn.Module):
 
 
 # ---- module selection ------------------------------------------------------------------------------------------
-def _matches(name: str, targets: str | Iterable[str]) -> bool:
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _under(name: str, prefixes: Iterable[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
-def _candidate_linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, _SUPPORTED) and n]
-
-
-def _candidates_message(model: nn.Module) -> str:
-    names = _candidate_linear_names(model)
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-    return f"candidate linear-layer names (suffixes): {suffixes}; full names, e.g.: {names[:8]}"
-
-
 def _resolve_targets(model: nn.Module, config: WSAConfig) -> str | list[str]:
     if config.target_modules is not None:
         return config.target_modules
@@ -234,16 +212,16 @@ def _resolve_targets(model: nn.Module, config: WSAConfig) -> str | list[str]:
         return list(defaults[model_type])
     raise ValueError(
         f"WSAConfig.target_modules is None and there is no default for model_type={model_type!r}; "
-        f"set target_modules. {_candidates_message(model)}"
+        f"set target_modules. {candidates_message(model)}"
     )
 
 
 def _modules_to_save_names(model: nn.Module, config: WSAConfig) -> list[str]:
     if not config.modules_to_save:
         return []
-    names = [n for n, _ in model.named_modules() if n and _matches(n, config.modules_to_save)]
+    names = [n for n, _ in model.named_modules() if n and module_matches(n, config.modules_to_save)]
     # Drop nested matches: a saved module's children are saved with it.
-    names = [n for n in names if not _under(n, [p for p in names if p != n])]
+    names = [n for n in names if not is_under(n, [p for p in names if p != n])]
     if not names:
         # Typical lists name heads of several architectures (["classifier", "score"]), so only warn.
         logger.warning("WSA modules_to_save=%s matched no module", config.modules_to_save)
@@ -271,10 +249,10 @@ def _freeze_for_wsa(model: nn.Module, save_names: list[str]) -> None:
 def _wrap(model: nn.Module, names_to_rank: dict[str, int | None], init_svd: bool) -> None:
     for name, r in names_to_rank.items():
         module = model.get_submodule(name)
-        if not isinstance(module, _SUPPORTED):
+        if not isinstance(module, linear_types()):
             raise TypeError(
                 f"WSA target module {name!r} is a {type(module).__name__}; only nn.Linear and transformers Conv1D "
-                f"can be adapted. Adjust target_modules; {_candidates_message(model)}"
+                f"can be adapted. Adjust target_modules; {candidates_message(model)}"
             )
         _set_submodule(model, name, WSALinear(module, r, init_svd=init_svd))
 
@@ -295,11 +273,9 @@ def apply_wsa(model: nn.Module, config: WSAConfig) -> nn.Module:
         raise ValueError("model already contains WSA layers; apply_wsa must be called on a plain model")
     targets = _resolve_targets(model, config)
     save_names = _modules_to_save_names(model, config)
-    names = [n for n, _ in model.named_modules() if n and _matches(n, targets) and not _under(n, save_names)]
+    names = [n for n, _ in model.named_modules() if n and module_matches(n, targets) and not is_under(n, save_names)]
     if not names:
-        raise ValueError(
-            f"WSA target_modules={targets!r} matched no module of the model; {_candidates_message(model)}"
-        )
+        raise ValueError(f"WSA target_modules={targets!r} matched no module of the model; {candidates_message(model)}")
     _wrap(model, dict.fromkeys(names, config.r_init), init_svd=True)
     _freeze_for_wsa(model, save_names)
     return model
@@ -337,10 +313,7 @@ def prune_wsa(model: nn.Module, tau: float = 0.05) -> dict[str, dict[str, Any]]:
 
 def save_wsa_ranks(report: dict[str, dict[str, Any]], path: str | Path) -> Path:
     """Write the :func:`prune_wsa` report as JSON (the trainer uses ``<output_dir>/wsa_ranks.json``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    return path
+    return Path(write_json(path, report))
 
 
 def save_wsa(model: nn.Module, directory: str | Path, config: WSAConfig) -> Path:
@@ -377,7 +350,7 @@ def save_wsa(model: nn.Module, directory: str | Path, config: WSAConfig) -> Path
         saved_modules=save_names,
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None),
     )
-    (directory / WSA_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(directory / WSA_CONFIG_NAME, meta)
     return directory
 
 
@@ -406,7 +379,7 @@ def load_wsa(model: nn.Module, directory: str | Path) -> nn.Module:
     module_names = {n for n, _ in model.named_modules()}
     missing = [n for n in layer_meta if n not in module_names]
     if missing:
-        raise ValueError(f"saved WSA layers not found in the model: {missing[:8]}; {_candidates_message(model)}")
+        raise ValueError(f"saved WSA layers not found in the model: {missing[:8]}; {candidates_message(model)}")
     _wrap(model, {n: m["r_init"] for n, m in layer_meta.items()}, init_svd=False)
 
     state = load_file(str(weights_path))
@@ -456,3 +429,65 @@ def merge_wsa(model: nn.Module) -> nn.Module:
         base.weight = nn.Parameter(new_w.to(base.weight.dtype).contiguous(), requires_grad=False)
         _set_submodule(model, name, base)
     return model
+
+
+# ---- the method --------------------------------------------------------------------------------------------------
+@dataclass
+class WSAArguments:
+    """``--adapter wsa``: the Weighted Spectral Adapter's rank, gate penalty and pruning threshold."""
+
+    wsa_r_init: int = field(default=16, metadata={"help": "WSA: top singular directions trained per matrix."})
+    wsa_gate_l1: float = field(default=1e-3, metadata={"help": "WSA: λ of the gate penalty λ·Σ‖tanh(s)‖₁."})
+    wsa_prune_threshold: float = field(
+        default=0.05, metadata={"help": "WSA: after training, drop directions with |tanh(s_i)| < this τ."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.wsa_r_init < 1:
+            raise ValueError(f"--wsa_r_init must be >= 1, got {self.wsa_r_init}")
+        if self.wsa_gate_l1 < 0:
+            raise ValueError(f"--wsa_gate_l1 must be >= 0, got {self.wsa_gate_l1}")
+        if not 0 <= self.wsa_prune_threshold <= 1:
+            raise ValueError(f"--wsa_prune_threshold must be in [0, 1], got {self.wsa_prune_threshold}")
+
+
+class WSAMethod(Method):
+    """WSA on the same targets; ``λ·Σ‖tanh(s)‖₁`` goes to the trainer as a regulariser; pruned when training ends."""
+
+    name = "wsa"
+    arguments = WSAArguments
+
+    def build(self, model: nn.Module, ctx: MethodContext) -> MethodSetup:
+        opts: WSAArguments = ctx.options
+        config = WSAConfig(
+            r_init=opts.wsa_r_init,
+            gate_l1=opts.wsa_gate_l1,
+            prune_threshold=opts.wsa_prune_threshold,
+            target_modules=ctx.spec,
+            modules_to_save=list(ctx.heads) or None,
+        )
+        model = apply_wsa(model, config)
+        lam = config.gate_l1
+        regularizers: dict[str, Callable[[nn.Module], torch.Tensor]] = {}
+        if lam > 0:
+            regularizers["wsa_gate_l1"] = lambda m: lam * wsa_gate_l1(m)
+        return MethodSetup(model, self.name, ctx.targets, ctx.heads, regularizers=regularizers, state=config)
+
+    def save(self, setup: MethodSetup, trainer: Any, tokenizer: Any) -> None:
+        """Prune directions with |tanh(s)| < τ (every rank: evaluation then sees the saved model), then write
+        ``wsa_ranks.json`` and the WSA state."""
+        config: WSAConfig = setup.state
+        report = prune_wsa(setup.model, config.prune_threshold)
+        logger.info(
+            "WSA pruning (tau=%g): rank %d -> %d over %d matrices",
+            config.prune_threshold,
+            sum(r["r_init"] for r in report.values()),
+            sum(r["r_eff"] for r in report.values()),
+            len(report),
+        )
+        if trainer.is_world_process_zero():
+            out = trainer.args.output_dir
+            save_wsa_ranks(report, os.path.join(out, "wsa_ranks.json"))
+            save_wsa(setup.model, out, config)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(out)

@@ -20,23 +20,19 @@ share one study: each runs its own ``n_trials`` and the results files list the w
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import difflib
-import json
 import logging
 import math
 import os
 import re
 import socket
-import sys
-import tempfile
-import textwrap
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .errors import one_line
+from .files import write_json
 from .training_args import IWTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -56,72 +52,12 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
 }
 """The source documents' space (SPEC.md §4), identical to ``configs/hpo_space.yaml``."""
 
-# GLUE metric maximised per task (the one run_glue.py reports first); MNLI: matched accuracy.
-GLUE_OBJECTIVES = {
-    "cola": "eval_matthews_correlation",
-    "mrpc": "eval_combined_score",
-    "stsb": "eval_combined_score",
-    "qqp": "eval_combined_score",
-}
+# The metric keys a classification/regression evaluation reports first, in the order GLUE's tasks use them.
 _GLUE_KEYS = ("eval_combined_score", "eval_matthews_correlation", "eval_accuracy")
 
 
 class BackendNotInstalled(ImportError):
     """The requested search backend is not installed (a user error: the message names the pip extra)."""
-
-
-# ---- arguments ---------------------------------------------------------------------------------------------------
-@dataclass
-class HpoArguments:
-    """Hyperparameter search flags of ``run_glue_iw.py`` (``--hpo_*``; also accepted as ``hpo_*`` config keys)."""
-
-    hpo_trials: int = field(
-        default=0,
-        metadata={
-            "help": "Trials of hyperparameter search (0: no search, train once). Each trial trains a fresh model "
-            "with --do_train and scores it on the validation split; with a shared --hpo_storage this many trials "
-            "run on this worker."
-        },
-    )
-    hpo_backend: str = field(
-        default="optuna", metadata={"help": "Search backend: optuna or ray (pip install 'iwtrainer[ray]')."}
-    )
-    hpo_space: str | None = field(
-        default=None,
-        metadata={
-            "help": "YAML search space (see configs/hpo_space.yaml); default: the source documents' space "
-            "(learning_rate loguniform [1e-5, 5e-4], per_device_train_batch_size {16, 32, 64}, iw_alpha "
-            "loguniform [1e-5, 1e-3])."
-        },
-    )
-    hpo_storage: str | None = field(
-        default=None,
-        metadata={
-            "help": "optuna storage shared by several workers: sqlite:///path.db (one machine) or a database URL "
-            "such as postgresql://user:password@host/db (several machines). Default: in memory."
-        },
-    )
-    hpo_study_name: str | None = field(
-        default=None,
-        metadata={"help": "optuna study name (workers sharing --hpo_storage and this name share the study); "
-                  "default: the name of --output_dir."},
-    )  # fmt: skip
-    hpo_direction: str = field(
-        default="maximize", metadata={"help": "maximize (GLUE metrics) or minimize the objective."}
-    )
-
-    def __post_init__(self) -> None:
-        if isinstance(self.hpo_trials, bool) or not isinstance(self.hpo_trials, int) or self.hpo_trials < 0:
-            raise ValueError(f"--hpo_trials must be an integer >= 0 (0: no search), got {self.hpo_trials!r}")
-        if self.hpo_backend not in BACKENDS:
-            raise ValueError(f"--hpo_backend must be one of {list(BACKENDS)}, got {self.hpo_backend!r}")
-        if self.hpo_direction not in DIRECTIONS:
-            raise ValueError(f"--hpo_direction must be one of {list(DIRECTIONS)}, got {self.hpo_direction!r}")
-        if self.hpo_storage is not None and self.hpo_backend != "optuna":
-            raise ValueError("--hpo_storage is an optuna storage; it needs --hpo_backend optuna")
-
-
-HPO_FIELDS = tuple(f.name for f in dataclasses.fields(HpoArguments))
 
 
 # ---- search space ------------------------------------------------------------------------------------------------
@@ -287,13 +223,6 @@ def glue_objective(metrics: Mapping[str, float]) -> float:
     )
 
 
-def objective_metric(task_name: str | None, is_regression: bool = False) -> str:
-    """The evaluation metric a search on ``task_name`` optimises (custom data: accuracy, or mse for regression)."""
-    if task_name is not None:
-        return GLUE_OBJECTIVES.get(task_name, "eval_accuracy")
-    return "eval_mse" if is_regression else "eval_accuracy"
-
-
 def metric_objective(key: str) -> Callable[[Mapping[str, float]], float]:
     """``compute_objective`` reading one metric; a clear error when the evaluation did not produce it."""
 
@@ -322,7 +251,7 @@ def open_study(storage: Any, study_name: str, direction: str = "maximize") -> An
         study = optuna.create_study(storage=storage, study_name=study_name, direction=direction, load_if_exists=True)
     except Exception as exc:  # sqlalchemy / optuna errors for a bad URL or an unreachable database
         where = redact(storage) if isinstance(storage, str) else type(storage).__name__
-        raise ValueError(f"--hpo_storage {where!r}: cannot open study {study_name!r}: {_one_line(exc)}") from exc
+        raise ValueError(f"--hpo_storage {where!r}: cannot open study {study_name!r}: {one_line(exc)}") from exc
     if [d.name.lower() for d in study.directions] != [direction]:
         raise ValueError(
             f"optuna study {study_name!r} in {redact(storage) if isinstance(storage, str) else 'the storage'} "
@@ -330,10 +259,6 @@ def open_study(storage: Any, study_name: str, direction: str = "maximize") -> An
             "another --hpo_study_name"
         )
     return study
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def run_search(
@@ -431,7 +356,8 @@ def _tagging(hp_space: Callable[[Any], dict[str, Any]], trainer: Any) -> Callabl
     return tagged
 
 
-def _flags(params: Mapping[str, Any]) -> str:
+def as_flags(params: Mapping[str, Any]) -> str:
+    """``{"learning_rate": 1e-4}`` -> ``"--learning_rate 0.0001"``: a search result as command-line flags."""
     return " ".join(f"--{k} {v}" for k, v in params.items())
 
 
@@ -472,7 +398,7 @@ def study_summary(storage: Any, study_name: str, space: Mapping[str, Any], direc
         "direction": direction,
         "space": dict(space),
         "best": best,
-        "best_flags": _flags(best["params"]) if best else None,
+        "best_flags": as_flags(best["params"]) if best else None,
         "n_trials": len(trials),
         "n_complete": len(complete),
         "trials": trials,
@@ -501,19 +427,11 @@ def _ray_summary(best: Any, space: Mapping[str, Any], backend: str, direction: s
         "direction": direction,
         "space": dict(space),
         "best": {"trial": best.run_id, "objective": best.objective, "params": params, "run_dir": None},
-        "best_flags": _flags(params),
+        "best_flags": as_flags(params),
         "n_trials": len(trials),
         "n_complete": sum(1 for t in trials if t["state"] == "TERMINATED"),
         "trials": trials,
     }
-
-
-def _write_json(path: str, data: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=False, default=str)
-        handle.write("\n")
-    os.replace(tmp, path)
 
 
 def write_results(output_dir: str, summary: Mapping[str, Any], error: BaseException | None = None) -> None:
@@ -521,240 +439,7 @@ def write_results(output_dir: str, summary: Mapping[str, Any], error: BaseExcept
     os.makedirs(output_dir, exist_ok=True)
     data = dict(summary)
     if error is not None:
-        data["error"] = f"{type(error).__name__}: {_one_line(error)}"
-    _write_json(os.path.join(output_dir, RESULTS_FILE), data)
+        data["error"] = f"{type(error).__name__}: {one_line(error)}"
+    write_json(os.path.join(output_dir, RESULTS_FILE), data)
     if data.get("best"):  # the best completed trial so far, also when a later trial failed
-        _write_json(os.path.join(output_dir, BEST_FILE), data["best"]["params"])
-
-
-# ---- run_glue_iw.py ----------------------------------------------------------------------------------------------
-def _config_suffixes() -> tuple[str, ...]:
-    from .arguments import CONFIG_SUFFIXES
-
-    return CONFIG_SUFFIXES
-
-
-def _hpo_parser() -> Any:
-    from transformers import HfArgumentParser
-
-    return HfArgumentParser((HpoArguments,))
-
-
-@contextlib.contextmanager
-def split_hpo_args(argv: Sequence[str] | None = None) -> Iterator[tuple[HpoArguments, list[str]]]:
-    """``with split_hpo_args(argv) as (hpo_args, rest): arguments.parse_args(rest)``.
-
-    Takes the ``--hpo_*`` flags (``--flag value`` or ``--flag=value``) and the ``hpo_*`` keys of a leading config
-    file out of ``argv``; the config file's other keys reach ``arguments.parse_args`` through a temporary copy (errors
-    naming it are re-raised naming the original file). Config values are defaults, flags override them.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    names = set(HPO_FIELDS)
-    file_values: dict[str, Any] = {}
-    config: str | None = None
-    rest_file: dict[str, Any] | None = None
-    if argv and not argv[0].startswith("-") and argv[0].lower().endswith(_config_suffixes()):
-        config = argv[0]
-        raw = _read_config(config)
-        if isinstance(raw, dict):
-            for key in raw:
-                if str(key).startswith("hpo_") and key not in names:
-                    close = difflib.get_close_matches(str(key), names, n=1)
-                    hint = f" (did you mean {close[0]!r}?)" if close else ""
-                    raise ValueError(f"{config}: unknown key {key!r}{hint}; hpo keys are {sorted(names)}")
-            if names & set(raw):
-                from .arguments import load_config_file
-
-                expanded = load_config_file(config, raw)  # ${VAR} expansion as for every other key
-                file_values = {k: expanded[k] for k in raw if k in names}
-                rest_file = {k: v for k, v in raw.items() if k not in names}
-    flags: list[str] = []
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        name = token[2:].split("=", 1)[0].replace("-", "_") if token.startswith("--") else None  # --hpo-trials too
-        if name in names:
-            if "=" in token:
-                flags.append(token)
-                i += 1
-            else:
-                flags.extend(argv[i : i + 2])
-                i += 2
-            continue
-        rest.append(token)
-        i += 1
-    parser = _hpo_parser()
-    parser.set_defaults(**file_values)
-    (hpo_args,) = parser.parse_args_into_dataclasses(args=flags)
-    if rest_file is None:
-        try:
-            yield hpo_args, rest
-        except SystemExit as exc:
-            _print_help_on_exit(exc, argv, parser)
-            raise
-        return
-    with tempfile.TemporaryDirectory(prefix="iwtrainer-hpo-") as tmp:
-        copy_path = os.path.join(tmp, os.path.basename(config))
-        _dump_config(copy_path, rest_file)
-        try:
-            yield hpo_args, [copy_path, *rest[1:]]
-        except SystemExit as exc:
-            _print_help_on_exit(exc, argv, parser)
-            raise
-        except Exception as exc:
-            message = str(exc)
-            if copy_path not in message:
-                raise
-            renamed = message.replace(copy_path, config)
-            try:
-                new = type(exc)(renamed)
-            except Exception:
-                new = ValueError(renamed)
-            raise new from exc
-
-
-def _print_help_on_exit(exc: SystemExit, argv: Sequence[str], parser: Any) -> None:
-    if exc.code in (0, None) and ("-h" in argv or "--help" in argv):
-        lines = ["", "hyperparameter search (iwtrainer.hpo.HpoArguments; also hpo_* keys of the config file):"]
-        for action in parser._actions:
-            if action.dest in HPO_FIELDS:
-                lines.append(f"  --{action.dest} {action.dest.upper()}")
-                lines.extend(
-                    textwrap.wrap(action.help or "", width=78, initial_indent=" " * 24, subsequent_indent=" " * 24)
-                )
-        print("\n".join(lines))
-
-
-def _read_config(path: str) -> Any:
-    """The raw mapping of a YAML/JSON config (``None`` if unreadable: arguments.parse_args reports that)."""
-    import yaml
-
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-        return json.loads(text) if path.lower().endswith(".json") else yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
-        return None
-
-
-def _dump_config(path: str, data: Mapping[str, Any]) -> None:
-    import yaml
-
-    with open(path, "w", encoding="utf-8") as handle:
-        if path.lower().endswith(".json"):
-            json.dump(dict(data), handle)
-        else:
-            yaml.safe_dump(dict(data), handle, sort_keys=False)
-
-
-def search_space(hpo_args: HpoArguments) -> dict[str, dict[str, Any]]:
-    """The backend check and the space of ``--hpo_space`` (default :data:`DEFAULT_SPACE`): before loading a model."""
-    require_backend(hpo_args.hpo_backend)
-    if hpo_args.hpo_space is not None:
-        return load_search_space(hpo_args.hpo_space)
-    return copy.deepcopy(DEFAULT_SPACE)
-
-
-def check_search(run: Any, hpo_args: HpoArguments, space: Mapping[str, Any]) -> None:
-    """Validate a search request against the loaded run (no output written).
-
-    ``run`` is ``run_glue_iw.Run`` (model/data/adapter/training arguments, data, splits, tokenizer, adapter setup).
-    """
-    from .arguments import NON_IW_ADAPTERS
-
-    source = hpo_args.hpo_space or "the default search space"
-    args = run.training_args
-    if not args.do_train:
-        raise ValueError("--hpo_trials > 0 trains one model per trial: it needs --do_train")
-    if not args.do_eval or not run.splits.get("eval"):
-        raise ValueError("--hpo_trials > 0 scores each trial on the validation split: it needs --do_eval")
-    adapter = run.setup.adapter
-    if "iw_alpha" in space and adapter in NON_IW_ADAPTERS:
-        raise ValueError(
-            f"{source}: 'iw_alpha' is searched but --adapter {adapter} has no LoRA factors to weight; pass an "
-            "--hpo_space without iw_alpha"
-        )
-    if run.setup.callbacks:
-        raise ValueError(
-            f"--hpo_trials with --adapter {adapter} --rank_allocation {run.adapter_args.rank_allocation} is not "
-            "supported: its trainer callbacks are bound to one model, but every trial builds a fresh one"
-        )
-    metric = objective_metric(run.data_args.task_name, run.data.is_regression)
-    if metric == "eval_mse" and hpo_args.hpo_direction != "minimize":
-        raise ValueError(
-            "regression data without --task_name: the objective is eval_mse; pass --hpo_direction minimize"
-        )
-    if args.do_predict:
-        logger.warning("--hpo_trials: --do_predict is ignored (the search writes hpo_results.json only)")
-    if hpo_args.hpo_storage is not None:
-        study_name = hpo_args.hpo_study_name or Path(args.output_dir).resolve().name or DEFAULT_STUDY_NAME
-        open_study(hpo_args.hpo_storage, study_name, hpo_args.hpo_direction)  # a bad URL fails before training
-
-
-def run_glue_search(run: Any, hpo_args: HpoArguments, space: Mapping[str, Any]) -> Any:
-    """The ``--hpo_trials`` branch of ``run_glue_iw.py``: an ``IWTrainer`` with ``model_init`` and :func:`run_search`.
-
-    The tokenized datasets are built once; ``model_init`` reloads the checkpoint and rebuilds the adapter (the model
-    built while validating the input serves the trainer's construction, then is dropped).
-    """
-
-    from .adapters import build_adapter
-    from .data import data_collator_for, label_mapping, make_compute_metrics
-    from .modeling import load_model_and_tokenizer
-    from .trainer import IWTrainer
-
-    args, data_args = run.training_args, run.data_args
-    pending = [run.setup.model]
-    run.setup.model = None
-
-    def model_init() -> Any:
-        if pending:
-            return pending.pop()  # not trained yet: as fresh as a reloaded one
-        _, model, missing = load_model_and_tokenizer(run.model_args, run.data, data_args.task_name)
-        label_mapping(model, run.data, data_args)
-        return build_adapter(model, run.adapter_args, args, missing).model
-
-    collator = data_collator_for(run.tokenizer, data_args, args)
-    trainer = IWTrainer(
-        model_init=model_init,
-        args=args,
-        train_dataset=run.splits["train"][0][1],
-        eval_dataset=run.splits["eval"][0][1],
-        compute_metrics=make_compute_metrics(data_args.task_name, run.data.is_regression),
-        processing_class=run.tokenizer,
-        data_collator=collator,
-        regularizers=run.setup.regularizers,
-    )
-    kwargs: dict[str, Any] = {}
-    if hpo_args.hpo_backend == "optuna" and hpo_args.hpo_storage is None:
-        import optuna
-
-        kwargs["sampler"] = optuna.samplers.TPESampler(seed=args.seed)  # a single worker's search is reproducible
-    metric = objective_metric(data_args.task_name, run.data.is_regression)
-    logger.info(
-        "hyperparameter search: %d trials (%s), %s %s over %s",
-        hpo_args.hpo_trials,
-        hpo_args.hpo_backend,
-        hpo_args.hpo_direction,
-        metric,
-        json.dumps(dict(space)),
-    )
-    best = run_search(
-        trainer,
-        n_trials=hpo_args.hpo_trials,
-        backend=hpo_args.hpo_backend,
-        space=space,
-        storage=hpo_args.hpo_storage,
-        study_name=hpo_args.hpo_study_name,
-        direction=hpo_args.hpo_direction,
-        output_dir=args.output_dir,
-        compute_objective=metric_objective(metric),
-        **kwargs,
-    )
-    if best is not None and trainer.is_world_process_zero():
-        logger.info(
-            "best hyperparameters in %s; train with them: python run_glue_iw.py <same config> %s",
-            os.path.join(args.output_dir, BEST_FILE),
-            _flags({k: v for k, v in best.hyperparameters.items() if k in space}),
-        )
-    return best
+        write_json(os.path.join(output_dir, BEST_FILE), data["best"]["params"])

@@ -1,31 +1,35 @@
-"""Gradient-norm rank allocation (``gradnorm``; the source documents call it GLoRA).
+"""Gradient-norm rank allocation (``--adapter gradnorm``; the source documents call it GLoRA).
 
 Each LoRA target k gets its own rank from an importance ``g_k``:
 
     p_k = g_k / Σ_j g_j,    r_k ≈ R · p_k,    Σ_k r_k = R exactly  (R = K × r by default)
 
-Two ways to get ``g_k``:
+Two ways to get ``g_k`` (``--rank_allocation_mode``):
 
-* **cheap** (:func:`gradnorm_rank_pattern`): the calibration sensitivities ``s_k = mean_b ‖∂L/∂W_k‖_F`` (base-weight
-  gradients, see ``sensitivity.py``), before training; the result is a peft ``LoraConfig`` with a ``rank_pattern``.
-* **faithful** (:class:`GradNormRankCallback`): an EMA (β = 0.9) of the LoRA update-gradient norm
+* **ema** (the source's method, :class:`GradNormRankCallback`): an EMA (β = 0.9) of the LoRA update-gradient norm
   ``‖[∂L/∂A_k, ∂L/∂B_k]‖_F`` over a warm-up of W optimizer steps; then every LoRA layer is rebuilt in place with its
-  new rank, keeping its learned directions and its optimizer state, and training continues in the same run.
+  new rank, keeping its learned directions and its optimizer state, and training continues in the same run. Single
+  process only.
+* **calibration** (:class:`RankCalibration`): the base-weight gradient norms ``s_k = mean_b ‖∂L/∂W_k‖_F`` (IW's
+  calibration measure, ``sensitivity.py``) over ``--rank_calib_steps`` batches before training, which then starts
+  with the allocated ranks. Works under DDP.
 
 Conventions shared by both modes:
 
-* **Rank 0 means no adapter**: the module is not adapted at all (cheap: left out of ``target_modules``; faithful: its
-  peft LoRA wrapper is replaced by the original base layer), so ``Δ_k = 0`` and it has no trainable parameters.
+* **Rank 0 means no adapter**: the module's peft LoRA wrapper is replaced by the original base layer, so ``Δ_k = 0``
+  and it has no trainable parameters.
 * **Scaling stays uniform**: every module keeps ``scaling = lora_alpha / r`` of the uniform-rank model (``/ sqrt(r)``
   with rsLoRA), expressed to peft through ``alpha_pattern`` (``alpha_k = scaling · r_k``). With peft's default
   ``lora_alpha / r_k`` a rank-1 module would get an r× larger scale, i.e. an r× larger effective learning rate under
-  Adam; a uniform scale keeps every kept direction on the same footing, keeps ``Δ`` unchanged by a faithful rebuild
-  and keeps the IW penalty's ``s²`` factor unchanged.
+  Adam; a uniform scale keeps every kept direction on the same footing, keeps ``Δ`` unchanged by a rebuild and keeps
+  the IW penalty's ``s²`` factor unchanged.
+
+Both modes write their record to ``<output_dir>/rank_allocation.json``.
 """
 
 from __future__ import annotations
 
-import json
+import inspect
 import logging
 import math
 import os
@@ -35,12 +39,23 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from peft import LoraConfig
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .targets import LoraTarget, find_lora_targets, mark_layout_changed, unwrap_model
+from ..files import write_json
+from ..sensitivity import compute_sensitivities
+from ..settings import IWSettings
+from ..targets import LoraTarget, find_lora_targets, mark_layout_changed, unwrap_model
+from ..training_args import IWTrainingArguments
+from .base import (
+    Method,
+    MethodContext,
+    MethodSetup,
+    estimate_train_steps,
+    has_length,
+    optimizer_steps_per_epoch,
+    world_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -148,81 +163,6 @@ def allocate_ranks(
 def _uniform_scale_alpha(scaling: float, rank: int, use_rslora: bool) -> float:
     """``alpha_k`` with ``alpha_k / r_k == scaling`` (``/ sqrt(r_k)`` with rsLoRA): peft rebuilds that scale."""
     return scaling * (math.sqrt(rank) if use_rslora else rank)
-
-
-# -- cheap mode ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RankPlan:
-    """Per-module ranks and the peft patterns that express them (modules with rank 0 are left out)."""
-
-    ranks: dict[str, int]
-    rank_pattern: dict[str, int]
-    alpha_pattern: dict[str, float]
-    target_modules: list[str]
-    lora_r: int
-    lora_alpha: float
-    use_rslora: bool = False
-    importance: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def budget(self) -> int:
-        return sum(self.ranks.values())
-
-    def lora_config(self, **kwargs: Any) -> LoraConfig:
-        """``LoraConfig(r=lora_r, lora_alpha, target_modules, rank_pattern, alpha_pattern, use_rslora, **kwargs)``."""
-        return LoraConfig(
-            r=self.lora_r,
-            lora_alpha=self.lora_alpha,
-            target_modules=list(self.target_modules),
-            rank_pattern=dict(self.rank_pattern),
-            alpha_pattern=dict(self.alpha_pattern),
-            use_rslora=self.use_rslora,
-            **kwargs,
-        )
-
-
-def _as_importance(sensitivities: Mapping[str, Any]) -> dict[str, float]:
-    """``{name: s_k}``, ``SensitivityCallback.record`` or its ``["modules"]`` (``{name: {"sensitivity": …}}``)."""
-    if isinstance(sensitivities.get("modules"), Mapping):
-        sensitivities = sensitivities["modules"]
-    return {k: float(v["sensitivity"] if isinstance(v, Mapping) else v) for k, v in sensitivities.items()}
-
-
-def gradnorm_rank_pattern(
-    sensitivities: Mapping[str, Any],
-    lora_r: int,
-    lora_alpha: float = 16,
-    total_rank: int | None = None,
-    min_rank: int = 0,
-    max_rank: RankCap = None,
-    use_rslora: bool = False,
-) -> RankPlan:
-    """Cheap mode: ranks from calibration sensitivities, as a peft ``rank_pattern`` to use before training.
-
-    ``r_k = allocate_ranks(s, R)`` with ``R = K × lora_r`` by default. Keys are module paths in the base model
-    (``bert.encoder.layer.0.attention.self.query``), which peft's pattern matching takes as full names. Modules with
-    ``r_k = 0`` are left out of ``target_modules``. ``alpha_pattern`` keeps ``scaling = lora_alpha / lora_r`` for every
-    module. Build the model with ``plan.lora_config(modules_to_save=..., lora_dropout=...)``.
-    """
-    importance = _as_importance(sensitivities)
-    budget = len(importance) * lora_r if total_rank is None else total_rank
-    ranks = allocate_ranks(importance, budget, min_rank, max_rank)
-    scaling = lora_alpha / (math.sqrt(lora_r) if use_rslora else lora_r)
-    kept = [n for n, r in ranks.items() if r > 0]
-    if not kept:
-        raise ValueError("gradnorm_rank_pattern: every module got rank 0 (budget 0); nothing to adapt")
-    return RankPlan(
-        ranks=ranks,
-        rank_pattern={n: ranks[n] for n in kept},
-        alpha_pattern={n: _uniform_scale_alpha(scaling, ranks[n], use_rslora) for n in kept},
-        target_modules=kept,
-        lora_r=lora_r,
-        lora_alpha=lora_alpha,
-        use_rslora=use_rslora,
-        importance=importance,
-    )
 
 
 # -- in-place rebuild (faithful mode) ------------------------------------------------------------------------------
@@ -403,14 +343,26 @@ def rebuild_lora_ranks(
 # -- faithful mode ---------------------------------------------------------------------------------------------------
 
 
-def _world_size(args: TrainingArguments) -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return int(getattr(args, "world_size", 1) or 1)
+def save_rank_allocation(record: Mapping[str, Any] | None, output_dir: str, state: TrainerState) -> None:
+    """Write ``<output_dir>/rank_allocation.json`` on the main process (nothing when no record exists yet)."""
+    if record is not None and state.is_world_process_zero:
+        write_json(os.path.join(output_dir, RANK_ALLOCATION_FILE), record)
+
+
+def check_single_process(args: Any) -> None:
+    """The ema mode rebuilds LoRA parameters mid-run: only possible in one process (raises ``ValueError``)."""
+    world = world_size(args)
+    if world > 1 or getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+        where = f"{world} processes" if world > 1 else "DeepSpeed/FSDP"
+        raise ValueError(
+            "--rank_allocation_mode ema rebuilds the LoRA layers mid-run (DDP's gradient buckets and FSDP/DeepSpeed "
+            f"shards would keep the old parameters), which only works in a single process, not with {where}: use "
+            "--rank_allocation_mode calibration"
+        )
 
 
 class GradNormRankCallback(TrainerCallback):
-    """Faithful gradnorm: EMA of ``‖[∂L/∂A_k, ∂L/∂B_k]‖_F`` over ``warmup_steps`` optimizer steps, then re-allocate.
+    """ema mode: EMA of ``‖[∂L/∂A_k, ∂L/∂B_k]‖_F`` over ``warmup_steps`` optimizer steps, then re-allocate.
 
     ``g_k ← β·g_k + (1−β)·‖[∂L/∂A_k, ∂L/∂B_k]‖_F`` once per optimizer step (β = 0.9), read in
     ``on_pre_optimizer_step`` — the accumulated gradients of the whole step, after clipping: clipping multiplies every
@@ -419,16 +371,17 @@ class GradNormRankCallback(TrainerCallback):
     fp16 grad scaler skipped the step. At ``on_step_end`` with ``global_step == warmup_steps`` the ranks
     ``allocate_ranks(g, R)`` (``R`` = current total rank, i.e. K × r, by default; each capped at ``min(d_in, d_out)``)
     are applied with :func:`rebuild_lora_ranks`, including the optimizer's parameters and state, and
-    ``rank_allocation.json`` is written to ``output_dir``.
+    ``rank_allocation.json`` is written to ``output_dir``. ``warmup_steps=None`` means one epoch of the Trainer's
+    optimizer steps.
 
-    Single-process only: DDP's gradient buckets, FSDP and DeepSpeed hold views of the old parameters, so those raise at
-    ``on_train_begin`` (use the cheap mode, :func:`gradnorm_rank_pattern`, there). Resuming a run after the rebuild
-    is not supported (the checkpoint has the new shapes; build the model from ``rank_allocation.json`` instead).
+    Single-process only (:func:`check_single_process`; use ``--rank_allocation_mode calibration`` elsewhere). Resuming
+    a run after the rebuild is not supported (the checkpoint has the new shapes; build the model from
+    ``rank_allocation.json`` instead).
     """
 
     def __init__(
         self,
-        warmup_steps: int,
+        warmup_steps: int | None,
         total_rank: int | None = None,
         beta: float = 0.9,
         min_rank: int = 0,
@@ -436,11 +389,12 @@ class GradNormRankCallback(TrainerCallback):
         adapter_name: str | None = None,
         write_file: bool = True,
     ) -> None:
-        if warmup_steps < 1:
+        if warmup_steps is not None and warmup_steps < 1:
             raise ValueError(f"GradNormRankCallback: warmup_steps must be >= 1, got {warmup_steps}")
         if not 0 <= beta < 1:
             raise ValueError(f"GradNormRankCallback: beta must lie in [0, 1), got {beta}")
-        self.warmup_steps = warmup_steps
+        self.requested_warmup = warmup_steps
+        self.warmup_steps = warmup_steps or 1
         self.total_rank = total_rank
         self.beta = beta
         self.min_rank = min_rank
@@ -466,13 +420,13 @@ class GradNormRankCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        if _world_size(args) > 1 or getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
-            raise RuntimeError(
-                "GradNormRankCallback (faithful gradnorm rank allocation) rebuilds the LoRA parameters mid-run, which "
-                "only works in a single process: DDP's gradient buckets (and FSDP/DeepSpeed shards) keep the old "
-                "parameters. Use the cheap mode instead: ranks from the calibration sensitivities before training "
-                "(iwtrainer.rank_allocation.gradnorm_rank_pattern)."
-            )
+        check_single_process(args)
+        if self.requested_warmup is None:
+            loader = kwargs.get("train_dataloader")
+            if loader is None or not has_length(loader):
+                raise ValueError("--rank_warmup_steps is required when the training data has no length")
+            ga = args.gradient_accumulation_steps
+            self.warmup_steps = max(len(loader) // ga + int(len(loader) % ga > 0), 1)  # the Trainer's epoch
         if self.warmup_steps >= state.max_steps:
             raise ValueError(
                 f"GradNormRankCallback: warmup_steps={self.warmup_steps} >= the run's {state.max_steps} optimizer "
@@ -481,7 +435,7 @@ class GradNormRankCallback(TrainerCallback):
         if state.global_step >= self.warmup_steps:
             raise RuntimeError(
                 "GradNormRankCallback: resuming after the rank re-allocation is not supported; build the model with "
-                f"the ranks in {RANK_ALLOCATION_FILE} (gradnorm_rank_pattern / rebuild_lora_ranks) and train on"
+                f"the ranks in {RANK_ALLOCATION_FILE} (rebuild_lora_ranks) and train on"
             )
         if state.global_step > 0:
             logger.warning("gradnorm: resuming inside the warm-up; the gradient-norm EMA restarts from zero")
@@ -538,6 +492,7 @@ class GradNormRankCallback(TrainerCallback):
         total = sum(importance.values()) or 1.0
         self.record = {
             "mode": "gradnorm",
+            "rank_allocation_mode": "ema",
             "warmup_steps": self.warmup_steps,
             "beta": self.beta,
             "budget": budget,
@@ -553,10 +508,8 @@ class GradNormRankCallback(TrainerCallback):
                 for n in names
             },
         }
-        if self.write_file and state.is_world_process_zero:
-            os.makedirs(args.output_dir, exist_ok=True)
-            with open(os.path.join(args.output_dir, RANK_ALLOCATION_FILE), "w") as f:
-                json.dump(self.record, f, indent=2)
+        if self.write_file:
+            save_rank_allocation(self.record, args.output_dir, state)
         dropped = [n for n, r in ranks.items() if r == 0]
         logger.info(
             "gradnorm: re-allocated %d ranks over %d matrices after %d steps (min %d, max %d, %d without adapter)",
@@ -567,3 +520,219 @@ class GradNormRankCallback(TrainerCallback):
             max(ranks.values()),
             len(dropped),
         )
+
+
+# -- calibration mode ------------------------------------------------------------------------------------------------
+@dataclass
+class RankCalibration:
+    """calibration mode: ranks from the base weights' gradient norms, applied before training.
+
+    ``s_k = mean_b ‖∂L/∂W_k‖_F`` (:func:`compute_sensitivities`, the IW calibration's measure) over ``calib_steps``
+    batches of a plain shuffled DataLoader, ``r = allocate_ranks(s, budget, min_rank, caps)``, then
+    :func:`rebuild_lora_ranks` in place (same model object; rank 0 removes the adapter). ``record`` is the content of
+    ``rank_allocation.json``.
+    """
+
+    budget: int
+    min_rank: int
+    caps: dict[str, int]
+    calib_steps: int = IWSettings.calib_steps
+    record: dict[str, Any] | None = None
+
+    def run(self, model: nn.Module, dataset: Any, collator: Callable, training_args: IWTrainingArguments) -> None:
+        from torch.utils.data import DataLoader
+
+        seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+        loader = DataLoader(
+            _model_input_columns(dataset, model),
+            batch_size=training_args.per_device_train_batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+            collate_fn=collator,
+            drop_last=training_args.dataloader_drop_last,
+        )
+        home = next(model.parameters()).device
+        autocast = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
+        model.to(training_args.device)
+        try:
+            sensitivities = compute_sensitivities(
+                model,
+                loader,
+                num_steps=self.calib_steps,
+                gradient_accumulation_steps=training_args.gradient_accumulation_steps,
+                autocast_dtype=autocast,
+                show_progress=not training_args.disable_tqdm,
+            )
+        finally:
+            model.to(home)
+        ranks = allocate_ranks(sensitivities, self.budget, self.min_rank, self.caps)
+        info = rebuild_lora_ranks(model, ranks)
+        total = sum(sensitivities.values()) or 1.0
+        self.record = {
+            "mode": "gradnorm",
+            "rank_allocation_mode": "calibration",
+            "rank_calib_steps": self.calib_steps,
+            "budget": self.budget,
+            "min_rank": self.min_rank,
+            "modules": {
+                n: {"sensitivity": s, "share": s / total, "old_rank": info[n]["old_rank"], "rank": ranks[n]}
+                for n, s in sensitivities.items()
+            },
+        }
+        logger.info(
+            "gradnorm (calibration): allocated %d ranks over %d matrices (min %d, max %d, %d without adapter)",
+            self.budget,
+            len(ranks),
+            min(ranks.values()),
+            max(ranks.values()),
+            sum(r == 0 for r in ranks.values()),
+        )
+
+
+def _model_input_columns(dataset: Any, model: nn.Module) -> Any:
+    """``dataset`` without the columns the model's forward does not take (as the Trainer's remove_unused_columns)."""
+    if not hasattr(dataset, "remove_columns"):
+        return dataset
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    keep = set(inspect.signature(inner.forward).parameters) | {"label", "label_ids", "labels"}
+    return dataset.remove_columns([c for c in dataset.column_names if c not in keep])
+
+
+class _CalibratedRankCallback(TrainerCallback):
+    """Refuses to train when the calibration did not run; writes ``rank_allocation.json`` when training ends."""
+
+    def __init__(self, calibration: RankCalibration) -> None:
+        self.calibration = calibration
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.calibration.record is None:
+            raise RuntimeError(
+                "--rank_allocation_mode calibration: the ranks were not allocated; call "
+                "MethodSetup.prepare_training(...) after tokenizing and before building the Trainer"
+            )
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        save_rank_allocation(self.calibration.record, args.output_dir, state)
+
+
+# -- the method ----------------------------------------------------------------------------------------------------
+RANK_ALLOCATION_MODES = ("ema", "calibration")
+
+
+@dataclass
+class GradNormArguments:
+    """``--adapter gradnorm``: per-matrix LoRA ranks proportional to a gradient norm, Σ r_k = --rank_budget."""
+
+    rank_allocation_mode: str = field(
+        default="ema",
+        metadata={
+            "help": "gradnorm: ema (the source's method: an EMA of the LoRA gradient norms over --rank_warmup_steps "
+            "optimizer steps, then the LoRA layers are rebuilt in place with their new ranks, optimizer state "
+            "kept; single process only) or calibration (base-weight gradient norms over --rank_calib_steps "
+            "batches before training, which then starts with the allocated ranks; works under DDP).",
+            "choices": RANK_ALLOCATION_MODES,
+        },
+    )
+    rank_budget: int | None = field(
+        default=None,
+        metadata={"help": "gradnorm: total rank Σ_k r_k to allocate. Default: K × --lora_r for K adapted matrices."},
+    )
+    rank_min: int = field(
+        default=0,
+        metadata={
+            "help": "gradnorm: smallest rank per matrix. 0 (default) lets the allocation drop a matrix: rank 0 means "
+            "no adapter at all on it (Δ = 0, no trainable parameters); 1 keeps every matrix adapted."
+        },
+    )
+    rank_warmup_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "gradnorm ema: optimizer steps over which the gradient norms are averaged before re-allocating. "
+            "Default: one epoch of optimizer steps (training examples / (batch size × processes), / accumulation)."
+        },
+    )
+    rank_calib_steps: int = field(
+        default=IWSettings.calib_steps,
+        metadata={"help": "gradnorm calibration: batches over which the base-weight gradient norms are averaged."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.rank_allocation_mode not in RANK_ALLOCATION_MODES:
+            raise ValueError(
+                f"--rank_allocation_mode must be one of {list(RANK_ALLOCATION_MODES)}, got "
+                f"{self.rank_allocation_mode!r}"
+            )
+        if self.rank_budget is not None and self.rank_budget < 1:
+            raise ValueError(f"--rank_budget must be >= 1, got {self.rank_budget}")
+        if self.rank_min < 0:
+            raise ValueError(f"--rank_min must be >= 0, got {self.rank_min}")
+        if self.rank_warmup_steps is not None and self.rank_warmup_steps < 1:
+            raise ValueError(f"--rank_warmup_steps must be >= 1, got {self.rank_warmup_steps}")
+        if self.rank_calib_steps < 1:
+            raise ValueError(f"--rank_calib_steps must be >= 1, got {self.rank_calib_steps}")
+
+
+def _check_warmup(warmup: int | None, total_steps: int, steps_per_epoch: int) -> None:
+    if (warmup or steps_per_epoch) < total_steps:
+        return
+    given = f"--rank_warmup_steps {warmup}" if warmup else f"--rank_warmup_steps (one epoch: {steps_per_epoch})"
+    raise ValueError(
+        f"{given} must be < the run's {total_steps} optimizer steps, or the ranks are never re-allocated: pass a "
+        "smaller --rank_warmup_steps or train longer (--max_steps / --num_train_epochs)"
+    )
+
+
+class GradNormMethod(Method):
+    """LoRA (with the IW penalty when ``--iw_alpha > 0``) whose ranks are re-allocated by gradient norm."""
+
+    name = "gradnorm"
+    arguments = GradNormArguments
+    uses_iw = True
+
+    def build(self, model: nn.Module, ctx: MethodContext) -> MethodSetup:
+        from .lora import LoraMethod
+
+        setup = LoraMethod().build(model, ctx)
+        setup.method = self.name
+        opts: GradNormArguments = ctx.options
+        lora_targets = find_lora_targets(setup.model)
+        caps = {t.name: min(t.lora_A.shape[1], t.lora_B.shape[0]) for t in lora_targets}
+        k = len(caps)
+        budget = opts.rank_budget if opts.rank_budget is not None else k * ctx.adapter_args.lora_r
+        flag = f"--rank_budget {budget}" if opts.rank_budget is not None else f"the rank budget {budget}"
+        if budget < opts.rank_min * k:
+            raise ValueError(
+                f"{flag} is below --rank_min {opts.rank_min} × {k} adapted matrices; lower --rank_min or raise "
+                "--rank_budget"
+            )
+        if budget > sum(caps.values()):
+            raise ValueError(
+                f"{flag} exceeds {sum(caps.values())}, the largest total rank of the {k} adapted matrices "
+                "(Σ min(d_in, d_out)); lower --rank_budget / --lora_r"
+            )
+        smallest = min(caps, key=caps.__getitem__)
+        if opts.rank_min > caps[smallest]:
+            raise ValueError(f"--rank_min {opts.rank_min} exceeds min(d_in, d_out) = {caps[smallest]} of {smallest}")
+        if opts.rank_allocation_mode == "ema":
+            check_single_process(ctx.training_args)
+            warmup, max_steps = opts.rank_warmup_steps, ctx.training_args.max_steps
+            if warmup is not None and max_steps > 0:
+                _check_warmup(warmup, max_steps, warmup)
+            setup.callbacks.append(GradNormRankCallback(warmup, total_rank=budget, min_rank=opts.rank_min))
+        else:
+            setup.state = RankCalibration(budget, opts.rank_min, caps, opts.rank_calib_steps)
+            setup.callbacks.append(_CalibratedRankCallback(setup.state))
+        return setup
+
+    def prepare(self, setup: MethodSetup, train_dataset: Any, collator: Callable, args: IWTrainingArguments) -> None:
+        opts: GradNormArguments = setup.options
+        if opts.rank_allocation_mode == "ema":
+            if has_length(train_dataset):
+                steps = estimate_train_steps(len(train_dataset), args)
+                _check_warmup(opts.rank_warmup_steps, steps, optimizer_steps_per_epoch(len(train_dataset), args))
+        else:
+            setup.state.run(setup.model, train_dataset, collator, args)
