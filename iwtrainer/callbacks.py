@@ -87,19 +87,11 @@ class SensitivityCallback(TrainerCallback):
         if state.global_step > 0:
             self._load_for_resume(args, state, model)
             return
-        autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         start = time.perf_counter()
-        with preserved_training_state(train_dataloader):
-            sensitivities = compute_sensitivities(
-                model,
-                train_dataloader,
-                num_steps=settings.calib_steps,
-                gradient_accumulation_steps=args.gradient_accumulation_steps,
-                loss_fn=self.loss_fn,
-                adapter_name=self.adapter_name,
-                autocast_dtype=autocast,
-                show_progress=self.show_progress and not args.disable_tqdm,
-            )
+        if settings.normalize == "uniform":  # ΔL2: every coefficient is 1, nothing to measure
+            sensitivities = dict.fromkeys((t.name for t in find_lora_targets(model, self.adapter_name)), None)
+        else:
+            sensitivities = self._measure(args, settings, model, train_dataloader)
         recorded = settings.as_args()
         if not hasattr(args, "iw_alpha"):  # a plain Trainer's args: alpha and penalty live with the user's penalty
             recorded.update(iw_alpha=None, iw_penalty=None)
@@ -109,6 +101,22 @@ class SensitivityCallback(TrainerCallback):
         if state.is_world_process_zero:
             save_importance(self.record, self.run_dir(args))
         _log_summary(self.record)
+
+    def _measure(
+        self, args: TrainingArguments, settings: IWSettings, model: torch.nn.Module, train_dataloader: Any
+    ) -> dict[str, float]:
+        autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        with preserved_training_state(train_dataloader):
+            return compute_sensitivities(
+                model,
+                train_dataloader,
+                num_steps=settings.calib_steps,
+                gradient_accumulation_steps=args.gradient_accumulation_steps,
+                loss_fn=self.loss_fn,
+                adapter_name=self.adapter_name,
+                autocast_dtype=autocast,
+                show_progress=self.show_progress and not args.disable_tqdm,
+            )
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.record is None or not state.is_world_process_zero:

@@ -1,7 +1,9 @@
 """Importance weights ``w_k`` and penalty coefficients ``(1 − w_k)^β`` from sensitivities, and their JSON file.
 
-sum:  w_k = s_k / Σ_j s_j      (the source's definition; with K targets every w_k ≈ 1/K)
-max:  w_k = s_k / max_j s_j    (the most sensitive matrix gets coefficient 0)
+sum:      w_k = s_k / Σ_j s_j      (the source's definition; with K targets every w_k ≈ 1/K)
+max:      w_k = s_k / max_j s_j    (the most sensitive matrix gets coefficient 0)
+uniform:  w_k = 0                  (every coefficient 1: a plain L2 on the updates, "ΔL2" — the ablation that tells
+                                    importance weighting apart from the penalty itself; needs no sensitivities)
 """
 
 from __future__ import annotations
@@ -18,12 +20,17 @@ from .settings import NORMALIZATIONS
 IMPORTANCE_FILE = "iw_importance.json"
 
 
-def importance_weights(sensitivities: Mapping[str, float], normalize: str = "sum") -> dict[str, float]:
-    """``w_k`` for every matrix; raises ``ValueError`` on an unknown ``normalize`` or degenerate sensitivities."""
+def importance_weights(sensitivities: Mapping[str, float | None], normalize: str = "sum") -> dict[str, float]:
+    """``w_k`` for every matrix; raises ``ValueError`` on an unknown ``normalize`` or degenerate sensitivities.
+
+    ``uniform`` reads only the keys (its sensitivities may be ``None``: nothing was measured).
+    """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"iw_normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     if not sensitivities:
         raise ValueError("sensitivities: empty; calibration measured no LoRA target")
+    if normalize == "uniform":
+        return dict.fromkeys(sensitivities, 0.0)
     bad = {k: v for k, v in sensitivities.items() if not math.isfinite(v) or v < 0}
     if bad:
         name, value = next(iter(bad.items()))
@@ -46,18 +53,23 @@ def penalty_coefficients(weights: Mapping[str, float], beta: float = 1.0) -> dic
 
 
 def importance_record(
-    sensitivities: Mapping[str, float], normalize: str, beta: float, settings: Mapping[str, Any] | None = None
+    sensitivities: Mapping[str, float | None], normalize: str, beta: float, settings: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The content of ``iw_importance.json``: per-module numbers plus the run's IW settings."""
+    """The content of ``iw_importance.json``: per-module numbers plus the run's IW settings (``sensitivity`` is
+    ``null`` where nothing was measured: ``uniform``)."""
     weights = importance_weights(sensitivities, normalize)
     coefs = penalty_coefficients(weights, beta)
     return {
         "settings": {"iw_normalize": normalize, "iw_beta": beta, **(settings or {})},
         "modules": {
-            k: {"sensitivity": float(sensitivities[k]), "weight": weights[k], "coefficient": coefs[k]}
+            k: {"sensitivity": _float_or_none(sensitivities[k]), "weight": weights[k], "coefficient": coefs[k]}
             for k in sensitivities
         },
     }
+
+
+def _float_or_none(value: float | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def save_importance(record: Mapping[str, Any], directory: str) -> str:

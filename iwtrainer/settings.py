@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-NORMALIZATIONS = ("sum", "max")
+NORMALIZATIONS = ("sum", "max", "uniform")
 PENALTY_FORMS = ("delta", "factors")
 
 
@@ -27,7 +27,8 @@ class IWSettings:
         alpha (`float`, defaults to `1e-4`): α, the strength of the penalty; `0` disables penalty and calibration.
         beta (`float`, defaults to `1.0`): β, the exponent of the per-matrix coefficient `(1 − w_k)^β`.
         calib_steps (`int`, defaults to `150`): N, calibration batches (optimizer steps' worth of data).
-        normalize (`str`, defaults to `"sum"`): `"sum"` (`w_k = s_k/Σ_j s_j`) or `"max"` (`w_k = s_k/max_j s_j`).
+        normalize (`str`, defaults to `"sum"`): `"sum"` (`w_k = s_k/Σ_j s_j`), `"max"` (`w_k = s_k/max_j s_j`) or
+            `"uniform"` (`w_k = 0`: every coefficient is 1, a plain L2 on the LoRA updates, "ΔL2"; no calibration).
         penalty (`str`, defaults to `"delta"`): `"delta"` (exact `‖Δ_k‖_F²`) or `"factors"` (`‖A_k‖² + ‖B_k‖²`).
     """
 
@@ -51,8 +52,13 @@ class IWSettings:
 
     @property
     def active(self) -> bool:
-        """Whether the penalty (and so the calibration) runs: ``alpha > 0``."""
+        """Whether the penalty runs: ``alpha > 0``."""
         return self.alpha > 0
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether sensitivities are measured before step 0: the penalty runs and its weights depend on them."""
+        return self.active and self.normalize != "uniform"
 
     @classmethod
     def from_args(cls, args: Any, **overrides: Any) -> IWSettings:

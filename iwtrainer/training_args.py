@@ -30,8 +30,9 @@ class IWTrainingArguments(TrainingArguments):
             `s_k = mean_b ‖∂L/∂W_k‖_F` are averaged before optimizer step 0. No optimizer step is taken.
         iw_normalize (`str`, *optional*, defaults to `"sum"`):
             How importance weights are normalised: `"sum"` (`w_k = s_k/Σ_j s_j`, the source's definition; with
-            many matrices the penalty is then close to a uniform L2) or `"max"` (`w_k = s_k/max_j s_j`, the most
-            sensitive matrix is not penalised).
+            many matrices the penalty is then close to a uniform L2), `"max"` (`w_k = s_k/max_j s_j`, the most
+            sensitive matrix is not penalised) or `"uniform"` (`w_k = 0`: every coefficient is 1, a plain L2 on
+            the LoRA updates, "ΔL2" — no calibration runs).
         iw_penalty (`str`, *optional*, defaults to `"delta"`):
             `"delta"`: the exact `‖Δ_k‖_F² = s²‖B_k A_k‖_F²` (via r×r Gram matrices); `"factors"`: the source
             code's surrogate `‖A_k‖_F² + ‖B_k‖_F²`.
@@ -48,7 +49,11 @@ class IWTrainingArguments(TrainingArguments):
     )
     iw_normalize: str = field(
         default=IWSettings.normalize,
-        metadata={"help": "Importance normalisation: 'sum' (w=s/Σs) or 'max' (w=s/max s).", "choices": NORMALIZATIONS},
+        metadata={
+            "help": "Importance normalisation: 'sum' (w=s/Σs), 'max' (w=s/max s) or 'uniform' (w=0: every "
+            "coefficient 1, a plain L2 on the LoRA updates; no calibration).",
+            "choices": NORMALIZATIONS,
+        },
     )
     iw_penalty: str = field(
         default=IWSettings.penalty,

@@ -328,7 +328,8 @@ def resolve_method_defaults(values: dict[str, Any]) -> None:
             logger.info("--adapter %s: --iw_alpha defaults to 0 (the IW penalty is defined on LoRA factors)", adapter)
     elif not uses_iw and values["iw_alpha"] != 0:
         raise ValueError(
-            f"--iw_alpha {values['iw_alpha']:g} needs plain LoRA factors (--adapter lora or gradnorm); --adapter "
+            f"--iw_alpha {values['iw_alpha']:g} needs plain LoRA factors (--adapter "
+            f"{' or '.join(n for n, m in METHODS.items() if m.uses_iw)}); --adapter "
             f"{adapter} has none to weight: pass --iw_alpha 0 or leave it out (it then defaults to 0)"
         )
 

@@ -7,6 +7,9 @@
 | `adalora`  | `adalora.py` | peft AdaLoRA, SVD-form ranks pruned on a cubic budget schedule    | no         |
 | `wsa`      | `wsa.py`     | Weighted Spectral Adapter: top-r singular directions + gates      | no         |
 | `full`     | `full.py`    | every parameter                                                   | no         |
+| `pissa`    | `pissa.py`   | peft LoRA initialised on W's top-r singular directions            | no         |
+| `dora`     | `dora.py`    | peft DoRA: LoRA direction + a trained magnitude per row           | no         |
+| `eva`      | `eva.py`     | peft LoRA with A from the SVD of the layer inputs, ranks by variance | yes     |
 
 Adding a method: a module with a :class:`Method` subclass (and its arguments dataclass, if it has flags), and one
 entry in :data:`METHODS`.
@@ -29,9 +32,12 @@ from ..targets import (
 from ..training_args import IWTrainingArguments
 from .adalora import AdaLoraMethod
 from .base import AdapterArguments, Method, MethodContext, MethodSetup, get_method
+from .dora import DoraMethod
+from .eva import EvaMethod
 from .full import FullMethod
 from .gradnorm import GradNormMethod
 from .lora import LoraMethod
+from .pissa import PissaMethod
 from .wsa import WSAMethod
 
 METHODS: dict[str, Method] = {
@@ -42,6 +48,9 @@ METHODS: dict[str, Method] = {
         AdaLoraMethod(),
         WSAMethod(),
         FullMethod(),
+        PissaMethod(),
+        DoraMethod(),
+        EvaMethod(),
     )
 }
 """``--adapter`` name -> method, in the order ``--help`` lists them."""

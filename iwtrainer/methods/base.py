@@ -56,8 +56,9 @@ class AdapterArguments:
             "help": "The fine-tuning method (iwtrainer.methods): lora (peft LoRA; IW-LoRA when --iw_alpha > 0, the "
             "default 1e-4; plain LoRA with --iw_alpha 0), gradnorm (LoRA with per-matrix ranks from gradient "
             "norms; combines with --iw_alpha), adalora (peft AdaLoRA, same average rank budget), wsa (Weighted "
-            "Spectral Adapter), full (full fine-tuning). The IW penalty needs plain LoRA factors: for methods "
-            "without them --iw_alpha defaults to 0 and an explicit --iw_alpha > 0 is an error."
+            "Spectral Adapter), full (full fine-tuning), pissa / dora / eva (peft's LoRA variants; eva combines "
+            "with --iw_alpha). The IW penalty needs plain LoRA factors that start at 0: for methods without "
+            "them --iw_alpha defaults to 0 and an explicit --iw_alpha > 0 is an error."
         },
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank r."})
