@@ -151,7 +151,7 @@ def label_mapping(model: nn.Module, data: TaskData, data_args: DataTrainingArgum
     label_to_id: dict[Any, int] | None = None
     if data_args.task_name is None:
         label_to_id = {v: i for i, v in enumerate(label_list)}
-        names = {str(v): i for i, v in enumerate(label_list)}
+        names = dict(label_to_id)  # the label values themselves, as run_glue.py (not their str())
     elif model.config.label2id != PretrainedConfig(num_labels=data.num_labels).label2id:
         by_name = {str(k).lower(): int(v) for k, v in model.config.label2id.items()}
         if sorted(by_name) == sorted(label_list):
@@ -215,14 +215,17 @@ def tokenize_splits(
 def make_compute_metrics(task_name: str | None, is_regression: bool) -> Callable[[Any], dict[str, float]]:
     """GLUE metrics from the packaged metric script (never a hub download); accuracy / mse for custom files."""
 
+    from sklearn.metrics import accuracy_score, mean_squared_error
+
     def compute_metrics(p: Any) -> dict[str, float]:
         preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
         if task_name is not None:
             return compute_glue_metrics(task_name, preds, p.label_ids)
         preds = np.squeeze(preds) if is_regression else np.argmax(preds, axis=1)
+        # In float64, as evaluate's "mse" / "accuracy" metrics that run_glue.py loads (sklearn underneath).
         if is_regression:
-            return {"mse": float(((preds - p.label_ids) ** 2).mean())}
-        return {"accuracy": float((preds == p.label_ids).astype(np.float32).mean())}
+            return {"mse": float(mean_squared_error(np.float64(p.label_ids), np.float64(preds)))}
+        return {"accuracy": float(accuracy_score(p.label_ids, preds))}
 
     return compute_metrics
 

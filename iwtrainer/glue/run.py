@@ -22,6 +22,7 @@ import transformers
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..files import write_json
 from ..methods import AdapterArguments, MethodSetup, build_adapter, get_method
 from ..search import BackendNotInstalled
 from ..trainer import IWTrainer
@@ -63,6 +64,9 @@ def setup_logging(training_args: IWTrainingArguments) -> None:
         datefmt="%m/%d/%Y %H:%M:%S",
         handlers=[logging.StreamHandler(sys.stdout)],
     )
+    if training_args.should_log:
+        # As run_glue.py: TrainingArguments' default log level is "passive"; the script's default is INFO.
+        transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
     logging.getLogger("iwtrainer").setLevel(log_level)
@@ -102,7 +106,8 @@ def prepare(argv: list[str] | None, parsed: ParsedArgs | None = None) -> Run:
 
 
 def train_and_evaluate(run: Run) -> None:
-    """Train / evaluate / predict; the metrics files are written at the very end."""
+    """Train / evaluate / predict, writing each phase's files as run_glue.py does (train metrics and
+    ``trainer_state.json`` right after training, eval metrics after evaluation, the model card at the end)."""
     args, data_args = run.training_args, run.data_args
     model = run.setup.model
     trainable = model.num_parameters(only_trainable=True)
@@ -127,7 +132,7 @@ def train_and_evaluate(run: Run) -> None:
         callbacks=run.setup.callbacks or None,
         regularizers=run.setup.regularizers,
     )
-    results: list[tuple[str, dict[str, Any]]] = []
+    wrote_results = False
 
     if args.do_train:
         checkpoint = args.resume_from_checkpoint
@@ -145,7 +150,9 @@ def train_and_evaluate(run: Run) -> None:
             metrics["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         get_method(run.setup.method).save(run.setup, trainer, run.tokenizer)  # WSA prunes: evaluated as saved
         trainer.log_metrics("train", metrics)
-        results.append(("train", metrics))
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        wrote_results = True
 
     if args.do_eval:
         logger.info("*** Evaluate ***")
@@ -156,8 +163,9 @@ def train_and_evaluate(run: Run) -> None:
             if task == "mnli-mm":
                 metrics = {f"{k}_mm": v for k, v in metrics.items()}
             trainer.log_metrics("eval", metrics)
+            trainer.save_metrics("eval", metrics)
             combined.update(metrics)
-        results.append(("eval", combined))
+        wrote_results = True
 
     if args.do_predict:
         logger.info("*** Predict ***")
@@ -178,34 +186,31 @@ def train_and_evaluate(run: Run) -> None:
                         else:
                             writer.write(f"{index}\t{run.data.label_list[item]}\n")
 
-    for split, metrics in results:
-        trainer.save_metrics(split, metrics)
-    if args.do_train:
-        trainer.save_state()
-    if results and trainer.is_world_process_zero():
+    if wrote_results and trainer.is_world_process_zero():
         path = os.path.join(args.output_dir, "all_results.json")
         with open(path) as handle:
             merged = json.load(handle)
         merged.update(adapter=run.setup.method, trainable_params=trainable)
-        with open(path, "w") as handle:
-            json.dump(merged, handle, indent=4, sort_keys=True)
+        write_json(path, dict(sorted(merged.items())), indent=4)
+    kwargs = {"finetuned_from": run.model_args.model_name_or_path, "tasks": "text-classification"}
+    if data_args.task_name is not None:
+        kwargs.update(
+            language="en",
+            dataset_tags="glue",
+            dataset_args=data_args.task_name,
+            dataset=f"GLUE {data_args.task_name.upper()}",
+        )
     if args.push_to_hub:
-        kwargs = {"finetuned_from": run.model_args.model_name_or_path, "tasks": "text-classification"}
-        if data_args.task_name is not None:
-            kwargs.update(
-                language="en",
-                dataset_tags="glue",
-                dataset_args=data_args.task_name,
-                dataset=f"GLUE {data_args.task_name.upper()}",
-            )
         trainer.push_to_hub(**kwargs)
+    elif trainer.is_world_process_zero():
+        trainer.create_model_card(**kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point; bad input ends the process with ``run_glue_iw.py: error: <one line>`` and exit status 1.
 
     With ``--hpo_trials N`` (and --do_train --do_eval) it runs a hyperparameter search instead of one training run
-    (``iwtrainer.hpo``): ``<output_dir>/hpo_results.json`` lists every trial, ``best_hyperparameters.json`` the
+    (``iwtrainer.glue.search``): ``<output_dir>/hpo_results.json`` lists every trial, ``best_hyperparameters.json`` the
     best values (pass them back as flags to train with them); each trial's files are in ``<output_dir>/run-N/``.
     """
     try:
