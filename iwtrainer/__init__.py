@@ -4,6 +4,7 @@ L_total = L_task + α · Σ_k (1 − w_k)^β · ‖Δ_k‖_F²,   w_k from gradi
 """
 
 from .callbacks import SensitivityCallback
+from .guard import DivergenceGuard, TrainingDiverged
 from .importance import (
     IMPORTANCE_FILE,
     importance_record,
@@ -23,12 +24,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IMPORTANCE_FILE",
+    "DivergenceGuard",
     "IWPenalty",
     "IWSettings",
     "IWTrainer",
     "IWTrainingArguments",
     "LoraTarget",
     "SensitivityCallback",
+    "TrainingDiverged",
     "compute_sensitivities",
     "find_lora_targets",
     "importance_record",

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import Trainer
 
 from .callbacks import SensitivityCallback
+from .guard import DivergenceGuard
 from .penalty import IWPenalty
 from .targets import find_lora_targets, layout_version, unwrap_model
 from .training_args import IWTrainingArguments
@@ -71,6 +72,8 @@ class IWTrainer(Trainer):
         self.iw_callback: SensitivityCallback = found[0] if found else SensitivityCallback()
         if not found:
             self.add_callback(self.iw_callback)
+        self.guard = DivergenceGuard()  # a non-finite loss, penalty or gradient stops the run (TrainingDiverged)
+        self.add_callback(self.guard)
         self._iw_penalty: IWPenalty | None = None
         self._iw_penalty_key: tuple | None = None
         self._iw_injected_at = -1  # global_step whose penalty gradient is already in .grad
@@ -199,6 +202,9 @@ class IWTrainer(Trainer):
                     terms["iw_penalty"] = (penalty(), self.args.iw_alpha)
             for name, fn in self.regularizers.items():
                 terms[name] = (fn(model), 1.0)
+            self.guard.track("task loss", loss)
+            for name, (value, _) in terms.items():
+                self.guard.track("IW penalty" if name == "iw_penalty" else f"regulariser {name}", value)
         if not terms:
             return (loss, outputs) if return_outputs else loss
         if self._iw_last_logged_step is None:
@@ -231,7 +237,21 @@ class IWTrainer(Trainer):
         else:
             acc.add_(value, alpha=weight)
 
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        """The Trainer's gradient norm of each optimizer step, also tracked by the divergence guard (fp16's grad
+        scaler skips inf steps by design, so there only the loss terms are watched)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if torch.is_tensor(grad_norm) and not self.args.fp16:
+            self.guard.track("gradient", grad_norm)
+        return grad_norm
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        self.guard.check()  # never write a checkpoint of a diverged model: the last good one stays the last one
+        super()._save_checkpoint(model, trial)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            self.guard.check()  # the Trainer syncs here anyway; its NaN filter would log a diverged loss as finite
         if "loss" in logs and self._iw_logs:
             steps = max(1, self.state.global_step - (self._iw_last_logged_step or 0))
             for key, acc in self._iw_logs.items():

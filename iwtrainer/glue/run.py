@@ -23,6 +23,7 @@ from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..files import write_json
+from ..guard import TrainingDiverged
 from ..methods import AdapterArguments, MethodSetup, build_adapter, get_method
 from ..search import BackendNotInstalled
 from ..trainer import IWTrainer
@@ -207,7 +208,9 @@ def train_and_evaluate(run: Run) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point; bad input ends the process with ``run_glue_iw.py: error: <one line>`` and exit status 1.
+    """Entry point; bad input ends the process with ``run_glue_iw.py: error: <one line>`` and exit status 1, before
+    anything is written; so does a run that diverges (a non-finite loss, penalty or gradient), with its last good
+    checkpoint intact.
 
     With ``--hpo_trials N`` (and --do_train --do_eval) it runs a hyperparameter search instead of one training run
     (``iwtrainer.glue.search``): ``<output_dir>/hpo_results.json`` lists every trial, ``best_hyperparameters.json`` the
@@ -223,7 +226,10 @@ def main(argv: list[str] | None = None) -> None:
     except (*USER_ERRORS, BackendNotInstalled) as exc:
         logger.debug("setup failed", exc_info=True)  # the traceback, for --log_level debug
         sys.exit(f"{PROG}: error: {one_line(exc)}")
-    if space is not None:
-        run_glue_search(run, hpo_args, space)
-        return
-    train_and_evaluate(run)
+    try:
+        if space is not None:
+            run_glue_search(run, hpo_args, space)
+        else:
+            train_and_evaluate(run)
+    except TrainingDiverged as exc:
+        sys.exit(f"{PROG}: error: {one_line(exc)}")
