@@ -118,6 +118,27 @@ class SensitivityCallback(TrainerCallback):
                 show_progress=self.show_progress and not args.disable_tqdm,
             )
 
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """``iw_importance.png``: the weights and coefficients beside each matrix's final ``‖Δ_k‖_F``."""
+        if self.record is None or model is None or not state.is_world_process_zero:
+            return
+        from .plot import PLOT_FILE, delta_norms_from_model, plot_panels
+
+        modules = self.record["modules"]
+        panels = {
+            "importance weight w_k": {n: m["weight"] for n, m in modules.items()},
+            "coefficient (1-w_k)^beta": {n: m["coefficient"] for n, m in modules.items()},
+            "final ||Delta_k||_F": delta_norms_from_model(model),
+        }
+        plot_panels(panels, os.path.join(self.run_dir(args), PLOT_FILE), os.path.basename(self.run_dir(args)))
+
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.record is None or not state.is_world_process_zero:
             return

@@ -25,6 +25,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..files import write_json
 from ..guard import TrainingDiverged
 from ..methods import AdapterArguments, MethodSetup, build_adapter, get_method
+from ..plot import plot_run
 from ..search import BackendNotInstalled
 from ..trainer import IWTrainer
 from ..training_args import IWTrainingArguments
@@ -187,6 +188,8 @@ def train_and_evaluate(run: Run) -> None:
                         else:
                             writer.write(f"{index}\t{run.data.label_list[item]}\n")
 
+    if args.do_train and trainer.is_world_process_zero():
+        plot_run(args.output_dir)  # iw_importance.png: weights, final ‖Δ_k‖_F and the method's ranks
     if wrote_results and trainer.is_world_process_zero():
         path = os.path.join(args.output_dir, "all_results.json")
         with open(path) as handle:
