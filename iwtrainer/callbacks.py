@@ -13,7 +13,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .importance import IMPORTANCE_FILE, importance_record, load_importance, save_importance
-from .sensitivity import LossFn, compute_sensitivities, preserved_training_state
+from .sensitivity import LossFn, Sensitivities, compute_sensitivities, preserved_training_state
 from .settings import IWSettings
 from .targets import find_lora_targets
 
@@ -96,15 +96,17 @@ class SensitivityCallback(TrainerCallback):
         if not hasattr(args, "iw_alpha"):  # a plain Trainer's args: alpha and penalty live with the user's penalty
             recorded.update(iw_alpha=None, iw_penalty=None)
         self.record = importance_record(sensitivities, settings.normalize, settings.beta, recorded)
-        # Its cost, for users and benchmarks (sensitivities are floats read back from the device: already synced).
+        # Its cost, for users and benchmarks (sensitivities are floats read back from the device: already synced),
+        # and what was measured: fewer batches than iw_calib_steps when the data ran out, none for "uniform".
         self.record["calibration_seconds"] = time.perf_counter() - start
+        self.record["calibration_batches"] = getattr(sensitivities, "batches", 0)
         if state.is_world_process_zero:
             save_importance(self.record, self.run_dir(args))
         _log_summary(self.record)
 
     def _measure(
         self, args: TrainingArguments, settings: IWSettings, model: torch.nn.Module, train_dataloader: Any
-    ) -> dict[str, float]:
+    ) -> Sensitivities:
         autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         with preserved_training_state(train_dataloader):
             return compute_sensitivities(

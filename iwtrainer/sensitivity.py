@@ -148,6 +148,14 @@ def _accumulate(accs: list[torch.Tensor], calls: list, grads: tuple) -> None:
             accs[index].addmm_(g2.t().to(dtype), x2.to(dtype))
 
 
+class Sensitivities(dict):
+    """``{target name: s_k}`` plus ``batches``, the number of (optimizer-step) batches actually averaged over."""
+
+    def __init__(self, values: Mapping[str, float], batches: int) -> None:
+        super().__init__(values)
+        self.batches = batches
+
+
 def compute_sensitivities(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
@@ -158,8 +166,11 @@ def compute_sensitivities(
     autocast_dtype: torch.dtype | None = None,
     loss_scale: float | None = None,
     show_progress: bool = True,
-) -> dict[str, float]:
+) -> Sensitivities:
     """Average full-batch gradient norm ``s_k = mean_b ‖∂L/∂W_k‖_F`` of every LoRA target's base weight.
+
+    Returns a dict (:class:`Sensitivities`) whose ``batches`` says how many batches were measured: fewer than
+    ``num_steps`` when the data runs out (a warning says so too).
 
     Args:
         model: a peft LoRA model (DDP/compile wrappers are unwrapped).
@@ -264,4 +275,4 @@ def compute_sensitivities(
     if measured < num_steps:
         logger.warning("iw_calib_steps=%d but the training data gave only %d batches", num_steps, measured)
     values = (totals / measured).tolist()  # the only host sync
-    return {t.name: v for t, v in zip(targets, values)}
+    return Sensitivities({t.name: v for t, v in zip(targets, values)}, measured)
