@@ -44,6 +44,7 @@ from .search import check_search, run_glue_search, search_space
 
 logger = logging.getLogger(__name__)
 PROG = "run_glue_iw.py"
+MERGED_DIR = "merged"
 
 
 @dataclass
@@ -208,6 +209,12 @@ def train_and_evaluate(run: Run) -> None:
         trainer.push_to_hub(**kwargs)
     elif trainer.is_world_process_zero():
         trainer.create_model_card(**kwargs)
+    if run.adapter_args.merge_adapter and args.do_train and trainer.is_world_process_zero():
+        # Last: merging folds the adapter into the model in place.
+        merged_dir = os.path.join(args.output_dir, MERGED_DIR)
+        get_method(run.setup.method).merge(run.setup).save_pretrained(merged_dir)
+        run.tokenizer.save_pretrained(merged_dir)
+        logger.info("merged model (adapter folded into the base weights) written to %s", merged_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

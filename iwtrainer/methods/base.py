@@ -7,6 +7,7 @@ train plus what the trainer runs beside the task loss — and owns its steps aro
     setup.callbacks, setup.regularizers    what the Trainer runs with it (AdaLoRA's allocator, WSA's gate L1, ...)
     prepare(setup, dataset, collator, a)   steps that need the tokenized training data, before the Trainer exists
     save(setup, trainer, tokenizer)        what it writes when training ends (default: ``trainer.save_model()``)
+    merge(setup)                           the adapter folded into the base weights (``--merge_adapter``)
     uses_iw                                whether the IW penalty applies (plain LoRA factors B·A to weight)
 
 A method's own flags are one dataclass (``Method.arguments``) that the GLUE script's single parser includes; the
@@ -75,6 +76,13 @@ class AdapterArguments:
             "against the full module name. Default: every nn.Linear/Conv1D inside the transformer blocks "
             "(e.g. 6 per layer for BERT/DeBERTa), never the classification head or pooler.",
             "action": _TargetModulesAction,
+        },
+    )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "After training, also write <output_dir>/merged: the adapter folded into the base weights, a "
+            "plain transformers model that AutoModelForSequenceClassification.from_pretrained loads alone."
         },
     )
     rank_allocation: str = field(
@@ -172,6 +180,11 @@ class Method:
     def save(self, setup: MethodSetup, trainer: Any, tokenizer: Any) -> None:
         """Write the trained model: adapter (+ head) for peft methods, the whole model for full fine-tuning."""
         trainer.save_model()
+
+    def merge(self, setup: MethodSetup) -> nn.Module:
+        """The trained model with the adapter folded into the base weights (a plain transformers model; in place)."""
+        model = setup.model
+        return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
     def search_problem(self, setup: MethodSetup) -> str | None:
         """Why a hyperparameter search (a fresh model per trial) cannot run this setup, or ``None``."""

@@ -473,6 +473,9 @@ class WSAMethod(Method):
             regularizers["wsa_gate_l1"] = lambda m: lam * wsa_gate_l1(m)
         return MethodSetup(model, self.name, ctx.targets, ctx.heads, regularizers=regularizers, state=config)
 
+    def merge(self, setup: MethodSetup) -> nn.Module:
+        return merge_wsa(setup.model)
+
     def save(self, setup: MethodSetup, trainer: Any, tokenizer: Any) -> None:
         """Prune directions with |tanh(s)| < τ (every rank: evaluation then sees the saved model), then write
         ``wsa_ranks.json`` and the WSA state."""
