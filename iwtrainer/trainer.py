@@ -237,6 +237,13 @@ class IWTrainer(Trainer):
         else:
             acc.add_(value, alpha=weight)
 
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's epoch, skipped once the run is complete: resuming from the final checkpoint of a
+        ``max_steps`` run would otherwise train one step past ``max_steps`` (transformers checks only after a step)."""
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
         """The Trainer's gradient norm of each optimizer step, also tracked by the divergence guard (fp16's grad
         scaler skips inf steps by design, so there only the loss terms are watched)."""

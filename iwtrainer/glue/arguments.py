@@ -49,6 +49,7 @@ __all__ = [
     "DataTrainingArguments",
     "HpoArguments",
     "ModelArguments",
+    "OutputArguments",
     "ParsedArgs",
     "build_parser",
     "load_config_file",
@@ -211,6 +212,20 @@ class HpoArguments:
             raise ValueError("--hpo_storage is an optuna storage; it needs --hpo_backend optuna")
 
 
+@dataclass
+class OutputArguments:
+    """What happens to an existing ``--output_dir``."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start fresh even if --output_dir holds checkpoints of an earlier run (they are not resumed and "
+            "are replaced as training writes its own). Without it a run resumes the last checkpoint there, and "
+            "refuses one written with different settings."
+        },
+    )
+
+
 class ParsedArgs(NamedTuple):
     """Every dataclass of one command line (the first four in the order of earlier releases' tuple)."""
 
@@ -221,11 +236,12 @@ class ParsedArgs(NamedTuple):
     hpo_args: HpoArguments
     method_args: dict[type, Any]
     """Each method's own arguments, keyed by their dataclass (``build_adapter`` picks the chosen method's)."""
+    output_args: OutputArguments
 
 
 def _dataclass_types() -> tuple[type, ...]:
     return (ModelArguments, DataTrainingArguments, AdapterArguments, *method_arguments(), IWTrainingArguments,
-            HpoArguments)  # fmt: skip
+            HpoArguments, OutputArguments)  # fmt: skip
 
 
 def build_parser() -> Any:
@@ -312,6 +328,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ParsedArgs:
         parsed[IWTrainingArguments],
         parsed[HpoArguments],
         {cls: parsed[cls] for cls in method_arguments()},
+        parsed[OutputArguments],
     )
 
 

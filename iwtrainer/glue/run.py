@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import transformers
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..files import write_json
 from ..guard import TrainingDiverged
@@ -40,6 +39,7 @@ from .data import (
     tokenize_splits,
 )
 from .modeling import load_model_and_tokenizer
+from .resume import RunSettingsCallback, checkpoint_to_resume, run_settings
 from .search import check_search, run_glue_search, search_space
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,10 @@ class Run:
     splits: dict[str, list[tuple[str, Any]]]
     tokenizer: Any
     setup: MethodSetup
+    settings: dict[str, Any] = field(default_factory=dict)
+    """The run's defining settings (``run_settings.json`` in every checkpoint)."""
+    checkpoint: str | None = None
+    """The checkpoint this run resumes (checked to belong to it), or ``None``."""
 
 
 def setup_logging(training_args: IWTrainingArguments) -> None:
@@ -95,6 +99,8 @@ def prepare(argv: list[str] | None, parsed: ParsedArgs | None = None) -> Run:
         training_args.fp16,
     )
     logger.info("Training/evaluation parameters %s", training_args)
+    settings = run_settings(parsed)
+    checkpoint = checkpoint_to_resume(parsed, settings)  # a foreign checkpoint is refused before anything is loaded
     set_seed(training_args.seed)  # before the head is initialised
 
     data = load_task_data(data_args, model_args, training_args)
@@ -105,7 +111,9 @@ def prepare(argv: list[str] | None, parsed: ParsedArgs | None = None) -> Run:
     splits = tokenize_splits(splits, data, tokenizer, label_to_id, data_args, training_args)
     train = splits["train"][0][1] if splits["train"] else None
     setup.prepare_training(train, data_collator_for(tokenizer, data_args, training_args), training_args)
-    return Run(model_args, data_args, adapter_args, training_args, data, splits, tokenizer, setup)
+    return Run(
+        model_args, data_args, adapter_args, training_args, data, splits, tokenizer, setup, settings, checkpoint
+    )
 
 
 def train_and_evaluate(run: Run) -> None:
@@ -132,20 +140,15 @@ def train_and_evaluate(run: Run) -> None:
         compute_metrics=make_compute_metrics(data_args.task_name, run.data.is_regression),
         processing_class=run.tokenizer,
         data_collator=collator,
-        callbacks=run.setup.callbacks or None,
+        callbacks=[*run.setup.callbacks, RunSettingsCallback(run.settings)],
         regularizers=run.setup.regularizers,
     )
     wrote_results = False
 
     if args.do_train:
-        checkpoint = args.resume_from_checkpoint
-        if checkpoint is None and os.path.isdir(args.output_dir):
-            checkpoint = get_last_checkpoint(args.output_dir)
-            if checkpoint is not None:
-                logger.info("Checkpoint detected, resuming training at %s", checkpoint)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        train_result = trainer.train(resume_from_checkpoint=run.checkpoint)
         metrics = dict(train_result.metrics)
         metrics["train_samples"] = len(train_dataset)
         metrics["train_ms_per_step"] = metrics["train_runtime"] / max(1, trainer.state.global_step) * 1000.0
