@@ -9,6 +9,22 @@ JSON line to ``--results``. Cells already there are skipped, so the grid complet
         --results benchmarks/results/glue_minilm.jsonl --parallel 8
     python benchmarks/glue_table.py --concurrency_probe 1,2,4,8,12 ...   # runs/s at each concurrency
     python benchmarks/glue_table.py --show rte/lora/1                    # the command of one cell, to rerun it
+
+Tuning mode (``--tune``) chooses hyperparameters on held-out splits of the training sets (benchmarks/tuning_split.py
+writes them as a GLUE folder): stage 1 runs plain LoRA at each lr of ``--tune_lrs`` and seed of ``--tune_seeds``;
+as soon as a task's stage 1 is complete its lr with the best mean held-out score is selected from the results file
+and its stage-2 cells (``--tune_methods`` × ``--tune_alphas`` at that lr, seed ``--tune_stage2_seed``) are queued.
+Cells are named ``lora_lr5e-4`` and ``dl2_a1e-3_lr5e-4`` (``--show rte/dl2_a1e-3_lr5e-4/1`` prints one).
+
+    python benchmarks/glue_table.py --tune --model MPNET_DIR --glue_dir .gpu/tune_glue --code_dir .gpu/code \
+        --tasks rte,mrpc,stsb,cola --gpus 0,1 --parallel 12 --deadline_s 540 --results /tmp/work/tuning.jsonl
+
+``--gpus 0,1`` gives each GPU its own ``--parallel`` workers (CUDA_VISIBLE_DEVICES per run); ``--deadline_s`` starts
+a cell only if its estimated wall time (the slowest finished run of the task, or a default) ends before the deadline
+and kills what still runs at the deadline (not recorded: the next call reruns it), so a device call ends by itself.
+``--code_dir`` runs that copy's run_glue_iw.py and iwtrainer (a frozen copy while the package changes).
+``--cells rte/lora_lr5e-4,cola/dl2_a1e-4_lr1e-3`` runs those TASK/METHOD pairs × ``--seeds`` (the selected configs on
+the dev set: benchmarks/mpnet_dev.sh); ``--est_results`` takes first wall-time estimates from another results file.
 """
 
 from __future__ import annotations
@@ -16,17 +32,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from iwtrainer.hpo import objective_metric  # noqa: E402  (the task's GLUE metric, as the search maximises it)
+
+
+def objective_metric(task: str) -> str:
+    """The task's GLUE metric, as the search maximises it (iwtrainer.hpo of --code_dir if given, else of ROOT)."""
+    import importlib
+
+    for module in ("iwtrainer.hpo", "iwtrainer.glue.tasks", "iwtrainer.search"):  # its home before / after the move
+        try:
+            return importlib.import_module(module).objective_metric(task)
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError("no objective_metric in iwtrainer.hpo, iwtrainer.glue.tasks or iwtrainer.search")
+
 
 # One protocol per task (epochs, sequence length, warm-up); batch 32, AdamW, linear decay, dynamic padding, the
 # dev metric of the final model (no checkpoint selection on dev). Sizes: RTE 2.5k, MRPC 3.7k, STS-B 5.7k,
@@ -81,26 +111,74 @@ for _lr in ("1e-3", "2e-3"):
 CELL_EXTRA: dict[tuple[str, str], list[str]] = {("gradnorm", "sst2"): ["--rank_warmup_steps", "421"]}
 SIDE_FILES = ("iw_importance.json", "adalora_ranks.json", "wsa_ranks.json", "rank_allocation.json")
 
+# Tuning mode: the LoRA family's lr (stage 1, plain LoRA), then α per penalty (stage 2) at the selected lr.
+# dl2 = uniform coefficients (every c_k = (1-w_k)^0 = 1): the plain ‖ΔW‖² penalty, the IW ablation.
+TUNE_FAMILIES: dict[str, list[str]] = {
+    "lora": ["--adapter", "lora", "--iw_alpha", "0"],
+    "dl2": ["--adapter", "lora", "--iw_beta", "0"],
+    "iwlora_sum": ["--adapter", "lora", "--iw_normalize", "sum"],
+    "iwlora_max": ["--adapter", "lora", "--iw_normalize", "max"],
+}
+TUNE_NAME = re.compile(
+    r"^(?P<family>lora|dl2|iwlora_sum|iwlora_max)(?:_a(?P<alpha>[0-9.e+-]+))?_lr(?P<lr>[0-9.e+-]+)$"
+)
+# Wall-time guesses (s) of one 85 %-train run of a base-size encoder at 12 runs per H200, before any run is measured;
+# runs with the penalty add the 150 calibration steps (× IW_TIME_FACTOR).
+DEFAULT_EST_S = {"rte": 330, "mrpc": 260, "stsb": 360, "cola": 450, "sst2": 900}
+IW_TIME_FACTOR = 1.3
+
+
+def tune_name(family: str, lr: str, alpha: str | None = None) -> str:
+    return f"{family}_lr{lr}" if alpha is None else f"{family}_a{alpha}_lr{lr}"
+
+
+def method_flags(method: str) -> list[str]:
+    """The flags of a grid method (METHODS) or of a tuning cell name (``lora_lr5e-4``, ``dl2_a1e-3_lr5e-4``)."""
+    if method in METHODS:
+        return METHODS[method]
+    m = TUNE_NAME.match(method)
+    if not m or (m["family"] == "lora") != (m["alpha"] is None):
+        raise KeyError(method)
+    flags = list(TUNE_FAMILIES[m["family"]])
+    if m["alpha"] is not None:
+        flags[flags.index("--adapter") + 2 : flags.index("--adapter") + 2] = ["--iw_alpha", m["alpha"]]
+    return [*flags, "--learning_rate", m["lr"]]
+
+
+def flag_value(flags: list[str], flag: str) -> str | None:
+    return flags[flags.index(flag) + 1] if flag in flags else None
+
 
 def cell_key(task: str, method: str, seed: int) -> str:
     return f"{task}/{method}/{seed}"
 
 
+def code_root(args: argparse.Namespace) -> Path:
+    return Path(args.code_dir).resolve() if getattr(args, "code_dir", "") else ROOT
+
+
 def command(args: argparse.Namespace, task: str, method: str, seed: int, out: Path) -> list[str]:
     return [
-        sys.executable, str(ROOT / "run_glue_iw.py"), "--model_name_or_path", args.model, "--glue_dir",
+        sys.executable, str(code_root(args) / "run_glue_iw.py"), "--model_name_or_path", args.model, "--glue_dir",
         args.glue_dir, "--task_name", task, "--seed", str(seed), "--output_dir", str(out), *COMMON,
-        *PROTOCOL[task], *METHODS[method], *CELL_EXTRA.get((method, task), []), *shlex.split(args.extra),
+        *PROTOCOL[task], *method_flags(method), *CELL_EXTRA.get((method, task), []), *shlex.split(args.extra),
     ]  # fmt: skip
 
 
-def summarize_side_files(out: Path) -> dict:
+def summarize_side_files(out: Path, compact: bool = False) -> dict:
     """The method's own record, kept small: coefficient spread, final ranks, effective ranks."""
     rec: dict = {}
     if (out / "iw_importance.json").is_file():
         mods = json.loads((out / "iw_importance.json").read_text())["modules"]
         coefs = [m["coefficient"] for m in mods.values()]
         rec["iw"] = {"K": len(coefs), "coef_min": min(coefs), "coef_max": max(coefs), "modules": mods}
+        if compact:  # the spread only (72 modules × many runs would swamp the file)
+            rec["iw"].pop("modules")
+            rec["iw"]["coef_mean"] = sum(coefs) / len(coefs)
+    if (out / "trainer_state.json").is_file():  # the last training log: task loss vs the α-scaled penalty
+        logs = [h for h in json.loads((out / "trainer_state.json").read_text()).get("log_history", []) if "loss" in h]
+        if logs:
+            rec["last_log"] = {k: logs[-1][k] for k in ("step", "loss", "loss_task", "iw_penalty") if k in logs[-1]}
     if (out / "adalora_ranks.json").is_file():
         ada = json.loads((out / "adalora_ranks.json").read_text())
         rec["adalora"] = {k: ada.get(k) for k in ("target_r", "init_r", "total_step", "final_budget")}
@@ -124,71 +202,205 @@ def summarize_side_files(out: Path) -> dict:
     return rec
 
 
-def run_cell(args: argparse.Namespace, task: str, method: str, seed: int) -> dict:
+def run_cell(
+    args: argparse.Namespace, task: str, method: str, seed: int, gpu: str | None = None, timeout: float | None = None
+) -> dict:
+    """Run one cell; ``timeout`` (s) kills it (record with ``killed``: not written, rerun by the next call)."""
     out = Path(args.runs_dir) / task / method / str(seed)
     shutil.rmtree(out, ignore_errors=True)
     cmd = command(args, task, method, seed, out)
     t0 = time.time()
     # One intra-op thread per run: K concurrent runs with a thread per core each oversubscribe the host ~K-fold.
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    record = {"key": cell_key(task, method, seed), "task": task, "method": method, "seed": seed}
+    if getattr(args, "code_dir", ""):
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(code_root(args)), env.get("PYTHONPATH", "")) if p)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+    record: dict = {"key": cell_key(task, method, seed), "task": task, "method": method, "seed": seed}
+    # A tuning-style cell (--tune/--cells; lora_lr1e-3 is a grid name too): method = the family, config = the name.
+    tuning_style = method not in METHODS or getattr(args, "tune", False) or getattr(args, "cells", "")
+    m = TUNE_NAME.match(method) if tuning_style else None
+    if m:
+        record.update(method=m["family"], config=method)
+    flags = method_flags(method)
+    record["lr"] = flag_value(flags, "--learning_rate")
+    record["alpha"] = flag_value(flags, "--iw_alpha")
     record["wall_s"] = time.time() - t0
     record["concurrency"] = args.parallel
+    if gpu is not None:
+        record["gpu"] = gpu
     if proc.returncode != 0:
-        record["error"] = (proc.stderr or proc.stdout)[-2000:]
+        record["error"] = (stderr or stdout)[-2000:]
+        if timeout is not None and time.time() - t0 >= timeout:
+            record["killed"] = True
         return record
     results = json.loads((out / "all_results.json").read_text())
     record["results"] = results
-    record.update(summarize_side_files(out))
+    record.update(summarize_side_files(out, compact=bool(m)))
     if not args.keep_runs:
         shutil.rmtree(out, ignore_errors=True)
     return record
 
 
-def done_keys(path: Path) -> set[str]:
+def load_records(path: Path) -> list[dict]:
     if not path.is_file():
-        return set()
-    keys = set()
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            if "error" not in rec:
-                keys.add(rec["key"])
-    return keys
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def done_keys(path: Path) -> set[str]:
+    return {rec["key"] for rec in load_records(path) if "error" not in rec}
+
+
+Cell = tuple[str, str, int]
+# Longest first (SST-2, AdaLoRA) so the pool does not end on one straggler.
+WEIGHT = {"sst2": 8, "cola": 3, "stsb": 2, "mrpc": 1.5, "rte": 1}
+
+
+def uses_penalty(method: str) -> bool:
+    try:
+        alpha = flag_value(method_flags(method), "--iw_alpha")
+    except KeyError:  # a method no longer defined
+        return False
+    return alpha is not None and float(alpha) > 0
+
+
+def estimate_s(cell: Cell, records: list[dict]) -> float:
+    """Wall-time estimate of a cell: the slowest finished run of its task (same penalty or not), else a guess."""
+    task, method, _ = cell
+    iw = uses_penalty(method)
+    same = [
+        r["wall_s"]
+        for r in records
+        if r["task"] == task and "error" not in r and uses_penalty(r["key"].split("/")[1]) == iw
+    ]
+    if same:
+        return 1.05 * max(same)
+    plain = [r["wall_s"] for r in records if r["task"] == task and "error" not in r]
+    base = max(plain) if plain else DEFAULT_EST_S.get(task, 600)
+    return 1.05 * base * (IW_TIME_FACTOR if iw else 1.0)
+
+
+def mean_scores(records: list[dict], task: str, methods: list[str], seeds: list[int]) -> dict[str, float | None]:
+    """Mean held-out objective over ``seeds`` of each method (None if a seed is missing)."""
+    metric = objective_metric(task)
+    by_key = {r["key"]: r for r in records if "error" not in r}
+    out: dict[str, float | None] = {}
+    for method in methods:
+        recs = [by_key.get(cell_key(task, method, s)) for s in seeds]
+        out[method] = None if None in recs else sum(r["results"][metric] for r in recs) / len(recs)
+    return out
+
+
+def select_lr(records: list[dict], task: str, lrs: list[str], seeds: list[int]) -> str | None:
+    """Stage 1's choice: the lr with the best mean held-out score (ties: the first in ``lrs``); None until complete."""
+    scores = mean_scores(records, task, [tune_name("lora", lr) for lr in lrs], seeds)
+    if None in scores.values():
+        return None
+    return max(lrs, key=lambda lr: (scores[tune_name("lora", lr)], -lrs.index(lr)))
+
+
+def tune_cells(args: argparse.Namespace, records: list[dict]) -> list[Cell]:
+    """Stage-1 cells, then the stage-2 cells of every task whose stage 1 is complete."""
+    lrs, seeds = args.tune_lrs.split(","), [int(x) for x in args.tune_seeds.split(",")]
+    stage1 = [(t, tune_name("lora", lr), s) for t in args.tasks.split(",") for lr in lrs for s in seeds]
+    stage2 = []
+    for task in args.tasks.split(","):
+        lr = select_lr(records, task, lrs, seeds)
+        if lr is not None:
+            stage2 += [
+                (task, tune_name(family, lr, alpha), args.tune_stage2_seed)
+                for family in args.tune_methods.split(",")
+                for alpha in args.tune_alphas.split(",")
+            ]
+    key = lambda c: -estimate_s(c, records)  # noqa: E731
+    return sorted(stage1, key=key) + sorted(stage2, key=key)
 
 
 def run_grid(args: argparse.Namespace) -> None:
+    """Workers (``--parallel`` per GPU of ``--gpus``) take the first ready cell that fits before the deadline."""
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
-    done = done_keys(results)
-    cells = [
-        (t, m, s)
-        for t in args.tasks.split(",")
-        for m in args.methods.split(",")
-        for s in (int(x) for x in args.seeds.split(","))
-        if cell_key(t, m, s) not in done
+    records = load_records(results)
+    done = {r["key"] for r in records if "error" not in r}
+    # Wall times of another results file (e.g. the tuning runs), × --est_scale: estimates before any run here.
+    prior = [
+        {**r, "wall_s": r["wall_s"] * args.est_scale}
+        for r in (load_records(Path(args.est_results)) if args.est_results else [])
+        if "error" not in r
     ]
-    # Longest first (SST-2, AdaLoRA) so the pool does not end on one straggler.
-    weight = {"sst2": 8, "cola": 3, "stsb": 2, "mrpc": 1.5, "rte": 1}
-    cells.sort(key=lambda c: -weight.get(c[0], 1) * (2.5 if c[1] in ("adalora", "wsa") else 1))
-    print(f"{len(done)} cells done, {len(cells)} to run, {args.parallel} at a time", flush=True)
-    deadline = time.time() + args.budget_s if args.budget_s else None
+    seeds = [int(x) for x in args.seeds.split(",")]
+    if args.cells:  # explicit TASK/METHOD pairs (e.g. each task's selected configs), × --seeds
+        static = [(*c.split("/"), s) for c in args.cells.split(",") for s in seeds]
+    else:
+        static = [(t, m, s) for t in args.tasks.split(",") for m in args.methods.split(",") for s in seeds]
+    static.sort(key=lambda c: -WEIGHT.get(c[0], 1) * (2.5 if c[1] in ("adalora", "wsa") else 1))
+    if prior:  # measured wall times: longest first by estimate
+        static.sort(key=lambda c: -estimate_s(c, records + prior))
+    gpus: list[str | None] = args.gpus.split(",") if args.gpus else [None]
+    t0 = time.time()
+    deadline = t0 + args.deadline_s if args.deadline_s else None
+    start_by = t0 + args.budget_s if args.budget_s else None
+    lock = threading.Lock()
+    taken: set[str] = set(done)  # done, running, or failed in this call
+    running = [0]
 
-    def job(cell: tuple[str, str, int]) -> dict | None:
-        if deadline and time.time() > deadline:
-            return None  # leave it for the next session: only whole cells are recorded
-        rec = run_cell(args, *cell)
-        with open(results, "a") as f:  # one line per finished cell: a killed session keeps what it finished
-            f.write(json.dumps(rec) + "\n")
-        status = "ERROR" if "error" in rec else rec["results"].get(objective_metric(rec["task"]), "")
-        print(f"{rec['key']}: {rec['wall_s']:.0f}s {status}", flush=True)
-        if "error" in rec:
-            print(rec["error"][-600:], flush=True)
-        return rec
+    def ready() -> list[Cell]:
+        cells = tune_cells(args, records) if args.tune else static
+        return [c for c in cells if cell_key(*c) not in taken]
 
-    with ThreadPoolExecutor(args.parallel) as pool:
-        list(pool.map(job, cells))
+    n_ready = len(ready())
+    print(f"{len(done)} cells done, {n_ready} ready to run, {args.parallel} at a time on each of {gpus}", flush=True)
+
+    def pick() -> Cell | None | bool:
+        """A cell to run, True to wait (cells still running may queue more), False when this worker is done."""
+        with lock:
+            now = time.time()
+            if start_by is None or now < start_by:
+                for cell in ready():
+                    if deadline is None or now + estimate_s(cell, records + prior) <= deadline:
+                        taken.add(cell_key(*cell))
+                        running[0] += 1
+                        return cell
+            return running[0] > 0 and (deadline is None or now < deadline)
+
+    def worker(gpu: str | None) -> None:
+        while True:
+            cell = pick()
+            if cell is False:
+                return
+            if cell is True:
+                time.sleep(2)
+                continue
+            timeout = max(1.0, deadline - time.time()) if deadline else None
+            rec = run_cell(args, *cell, gpu=gpu, timeout=timeout)
+            with lock:
+                running[0] -= 1
+                if not rec.get("killed"):
+                    records.append(rec)
+                    with open(results, "a") as f:  # one line per finished cell: a killed session keeps them
+                        f.write(json.dumps(rec) + "\n")
+            if rec.get("killed"):
+                print(f"{rec['key']}: killed at the deadline after {rec['wall_s']:.0f}s (not recorded)", flush=True)
+                continue
+            status = "ERROR" if "error" in rec else rec["results"].get(objective_metric(rec["task"]), "")
+            print(f"{rec['key']}: {rec['wall_s']:.0f}s gpu {gpu} {status}", flush=True)
+            if "error" in rec:
+                print(rec["error"][-600:], flush=True)
+
+    threads = [threading.Thread(target=worker, args=(g,)) for _ in range(args.parallel) for g in gpus]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    left = len(ready())
+    print(f"finished after {time.time() - t0:.0f}s; {left} ready cells not run in this call", flush=True)
 
 
 def concurrency_probe(args: argparse.Namespace) -> None:
@@ -225,15 +437,32 @@ def main() -> None:
     p.add_argument("--keep_runs", action="store_true")
     p.add_argument("--concurrency_probe", default="", help="e.g. 1,4,8,12: measure throughput, write --results")
     p.add_argument("--show", default="", help="print the command of one cell TASK/METHOD/SEED and exit")
+    p.add_argument("--code_dir", default="", help="run this copy's run_glue_iw.py + iwtrainer (default: checkout)")
+    p.add_argument("--gpus", default="", help="e.g. 0,1: --parallel runs on each (CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--deadline_s", type=float, default=0, help="start only cells that fit; kill runs at this time")
+    p.add_argument("--cells", default="", help="TASK/METHOD,... run instead of --tasks × --methods (× --seeds)")
+    p.add_argument("--est_results", default="", help="a results file whose wall times give first estimates")
+    p.add_argument("--est_scale", type=float, default=1.0, help="× those wall times (e.g. more training rows)")
+    p.add_argument("--tune", action="store_true", help="tuning mode: stage 1 lr, stage 2 alpha (see above)")
+    p.add_argument("--tune_lrs", default="2e-4,5e-4,1e-3")
+    p.add_argument("--tune_seeds", default="1,2")
+    p.add_argument("--tune_methods", default="dl2,iwlora_sum,iwlora_max")
+    p.add_argument("--tune_alphas", default="1e-4,1e-3,1e-2,1e-1")
+    p.add_argument("--tune_stage2_seed", type=int, default=1)
     args = p.parse_args()
+    if args.code_dir:  # the metric mapping too comes from that copy
+        sys.path.insert(0, str(code_root(args)))
     if args.show:
         task, method, seed = args.show.split("/")
         print(shlex.join(command(args, task, method, int(seed), Path(args.runs_dir) / task / method / seed)))
     elif args.concurrency_probe:
         concurrency_probe(args)
     else:
-        unknown = [m for m in args.methods.split(",") if m not in METHODS]
-        unknown += [t for t in args.tasks.split(",") if t not in PROTOCOL]
+        pairs = [c.split("/") for c in args.cells.split(",")] if args.cells else []
+        tasks = [t for t, _ in pairs] if pairs else args.tasks.split(",")
+        methods = [] if args.tune else [m for _, m in pairs] if pairs else args.methods.split(",")
+        unknown = [m for m in methods if m not in METHODS and not TUNE_NAME.match(m)]
+        unknown += [t for t in tasks if t not in PROTOCOL]
         if unknown:
             raise SystemExit(f"glue_table.py: unknown method/task {unknown}; methods {list(METHODS)}")
         run_grid(args)
