@@ -113,15 +113,50 @@ SIDE_FILES = ("iw_importance.json", "adalora_ranks.json", "wsa_ranks.json", "ran
 
 # Tuning mode: the LoRA family's lr (stage 1, plain LoRA), then α per penalty (stage 2) at the selected lr.
 # dl2 = uniform coefficients (every c_k = (1-w_k)^0 = 1): the plain ‖ΔW‖² penalty, the IW ablation.
+# The 2026-11-30 tuning used a frozen copy of the code without --iw_normalize uniform, so its dl2 runs were
+# `--iw_beta 0` (every (1-w_k)^0 = 1, the same penalty; calibration ran but leaves no trace in training): those cells
+# keep their names; later runs use the package's own spelling, which skips the calibration.
+DL2_FLAGS = ["--adapter", "lora", "--iw_normalize", "uniform"]
 TUNE_FAMILIES: dict[str, list[str]] = {
     "lora": ["--adapter", "lora", "--iw_alpha", "0"],
-    "dl2": ["--adapter", "lora", "--iw_beta", "0"],
+    "dl2": ["--adapter", "lora", "--iw_beta", "0"] if os.environ.get("IW_FROZEN_DL2") else DL2_FLAGS,
     "iwlora_sum": ["--adapter", "lora", "--iw_normalize", "sum"],
     "iwlora_max": ["--adapter", "lora", "--iw_normalize", "max"],
+    # The rest of the evidence grid (GLUE_MPNET.md): LoRA-family members at the family's selected lr, no α.
+    "gradnorm": ["--adapter", "gradnorm", "--iw_alpha", "0"],
+    "pissa": ["--adapter", "pissa"],
+    "dora": ["--adapter", "dora"],
+    "eva": ["--adapter", "eva", "--iw_alpha", "0"],
 }
+ALPHA_FREE = ("lora", "gradnorm", "pissa", "dora", "eva")  # families whose cells carry no _a<alpha>
 TUNE_NAME = re.compile(
-    r"^(?P<family>lora|dl2|iwlora_sum|iwlora_max)(?:_a(?P<alpha>[0-9.e+-]+))?_lr(?P<lr>[0-9.e+-]+)$"
+    r"^(?P<family>lora|dl2|iwlora_sum|iwlora_max|gradnorm|pissa|dora|eva)(?:_a(?P<alpha>[0-9.e+-]+))?"
+    r"_lr(?P<lr>[0-9.e+-]+)$"
 )
+# AdaLoRA with its own paper's recipe (AdaLoRA, App. C / Table 8, DeBERTaV3-base, batch 32): lr, orthogonality γ,
+# ΔT, and tinit/tfinal as fractions of the paper's run (steps at batch 32 × its epochs: RTE 600/1800 of 50 × 78,
+# MRPC 600/1800 of 30 × 115, STS-B 800/2000 of 25 × 180, CoLA 800/3500 of 25 × 268, SST-2 6000/22000 of 24 × 2105),
+# so the schedule keeps its shape at our epoch counts; b(0) = 1.5·b(T) is the package's init_r = ceil(1.5·r).
+ADALORA_PAPER: dict[str, dict[str, str]] = {
+    "rte": {"lr": "1.2e-3", "orth": "0.3", "delta_t": "1", "tinit": "0.154", "tfinal": "0.462"},
+    "mrpc": {"lr": "1e-3", "orth": "0.1", "delta_t": "1", "tinit": "0.174", "tfinal": "0.522"},
+    "stsb": {"lr": "2.2e-3", "orth": "0.1", "delta_t": "10", "tinit": "0.178", "tfinal": "0.444"},
+    "cola": {"lr": "5e-4", "orth": "0.5", "delta_t": "10", "tinit": "0.119", "tfinal": "0.522"},
+    "sst2": {"lr": "8e-4", "orth": "0.1", "delta_t": "100", "tinit": "0.119", "tfinal": "0.435"},
+}
+GRID_FULL_LR = "2e-5"  # full fine-tuning of a base-size encoder (not tuned: the usual value)
+# WSA diagnostic sweep: λ of the gate L1 × τ of the pruning (the specified λ=1e-3, τ=0.05 prunes every direction).
+WSA_SWEEP = [("1e-3", "0.05"), ("1e-4", "0.01"), ("1e-5", "0.001"), ("0", "0")]
+
+
+def _adalora_paper_flags(task: str) -> list[str]:
+    r = ADALORA_PAPER[task]
+    return [
+        "--adapter", "adalora", "--learning_rate", r["lr"], "--adalora_orth_reg_weight", r["orth"],
+        "--adalora_delta_t", r["delta_t"], "--adalora_tinit_frac", r["tinit"], "--adalora_tfinal_frac", r["tfinal"],
+    ]  # fmt: skip
+
+
 # Wall-time guesses (s) of one 85 %-train run of a base-size encoder at 12 runs per H200, before any run is measured;
 # runs with the penalty add the 150 calibration steps (× IW_TIME_FACTOR).
 DEFAULT_EST_S = {"rte": 330, "mrpc": 260, "stsb": 360, "cola": 450, "sst2": 900}
@@ -137,7 +172,7 @@ def method_flags(method: str) -> list[str]:
     if method in METHODS:
         return METHODS[method]
     m = TUNE_NAME.match(method)
-    if not m or (m["family"] == "lora") != (m["alpha"] is None):
+    if not m or (m["family"] in ALPHA_FREE) != (m["alpha"] is None):
         raise KeyError(method)
     flags = list(TUNE_FAMILIES[m["family"]])
     if m["alpha"] is not None:
@@ -157,11 +192,41 @@ def code_root(args: argparse.Namespace) -> Path:
     return Path(args.code_dir).resolve() if getattr(args, "code_dir", "") else ROOT
 
 
+def task_method_flags(task: str, method: str) -> list[str]:
+    """Flags of ``method`` on ``task``: the per-task recipes (``adalora_paper``, ``wsa_l<λ>_t<τ>``) or
+    :func:`method_flags`."""
+    if method == "adalora_paper":
+        return _adalora_paper_flags(task)
+    wsa = re.fullmatch(r"wsa_l(?P<lam>[0-9.e+-]+)_t(?P<tau>[0-9.e+-]+)_lr(?P<lr>[0-9.e+-]+)", method)
+    if wsa:
+        return ["--adapter", "wsa", "--wsa_gate_l1", wsa["lam"], "--wsa_prune_threshold", wsa["tau"],
+                "--learning_rate", wsa["lr"]]  # fmt: skip
+    if method == f"full_lr{GRID_FULL_LR}":
+        return ["--adapter", "full", "--learning_rate", GRID_FULL_LR]
+    return method_flags(method)
+
+
+def grid_cells(selection: dict) -> list[str]:
+    """Every TASK/METHOD of the all-mpnet-base-v2 evidence grid from the held-out selection
+    (``glue_mpnet_tuning.json``): LoRA and the three penalties at their selected α, the LoRA-family members at the
+    family's lr, AdaLoRA's paper recipe, full fine-tuning and the WSA sweep."""
+    cells = []
+    for task, chosen in selection["selection"].items():
+        lr = chosen["lr"]
+        cells.append(f"{task}/{tune_name('lora', lr)}")
+        cells += [f"{task}/{tune_name(m, lr, chosen[m]['alpha'])}" for m in ("dl2", "iwlora_sum", "iwlora_max")]
+        cells += [f"{task}/{tune_name(m, lr)}" for m in ("gradnorm", "pissa", "dora", "eva")]
+        cells += [f"{task}/adalora_paper", f"{task}/full_lr{GRID_FULL_LR}"]
+        cells += [f"{task}/wsa_l{lam}_t{tau}_lr{lr}" for lam, tau in WSA_SWEEP]
+    return cells
+
+
 def command(args: argparse.Namespace, task: str, method: str, seed: int, out: Path) -> list[str]:
     return [
         sys.executable, str(code_root(args) / "run_glue_iw.py"), "--model_name_or_path", args.model, "--glue_dir",
         args.glue_dir, "--task_name", task, "--seed", str(seed), "--output_dir", str(out), *COMMON,
-        *PROTOCOL[task], *method_flags(method), *CELL_EXTRA.get((method, task), []), *shlex.split(args.extra),
+        *PROTOCOL[task], *task_method_flags(task, method), *CELL_EXTRA.get((method, task), []),
+        *shlex.split(args.extra),
     ]  # fmt: skip
 
 
@@ -423,8 +488,8 @@ def concurrency_probe(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model folder or hub id (the real encoder: all-MiniLM-L6-v2)")
-    p.add_argument("--glue_dir", required=True)
+    p.add_argument("--model", default="", help="model folder or hub id (the real encoder: all-MiniLM-L6-v2)")
+    p.add_argument("--glue_dir", default="")
     p.add_argument("--tasks", default="rte,mrpc,stsb,cola,sst2")
     p.add_argument("--methods", default="full,lora,adalora,iwlora_sum,iwlora_max,gradnorm,wsa")
     p.add_argument("--seeds", default="1,2,3")
@@ -443,6 +508,9 @@ def main() -> None:
     p.add_argument("--cells", default="", help="TASK/METHOD,... run instead of --tasks × --methods (× --seeds)")
     p.add_argument("--est_results", default="", help="a results file whose wall times give first estimates")
     p.add_argument("--est_scale", type=float, default=1.0, help="× those wall times (e.g. more training rows)")
+    p.add_argument(
+        "--grid_cells", default="", help="print the evidence grid's TASK/METHOD list of this selection file"
+    )
     p.add_argument("--tune", action="store_true", help="tuning mode: stage 1 lr, stage 2 alpha (see above)")
     p.add_argument("--tune_lrs", default="2e-4,5e-4,1e-3")
     p.add_argument("--tune_seeds", default="1,2")
@@ -450,6 +518,11 @@ def main() -> None:
     p.add_argument("--tune_alphas", default="1e-4,1e-3,1e-2,1e-1")
     p.add_argument("--tune_stage2_seed", type=int, default=1)
     args = p.parse_args()
+    if args.grid_cells:
+        print(",".join(grid_cells(json.loads(Path(args.grid_cells).read_text()))))
+        return
+    if not args.model or not args.glue_dir:
+        p.error("--model and --glue_dir are required")
     if args.code_dir:  # the metric mapping too comes from that copy
         sys.path.insert(0, str(code_root(args)))
     if args.show:
