@@ -271,5 +271,11 @@ class IWTrainer(Trainer):
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        # Callbacks that change the model's layout (gradnorm's allocated ranks) restore it first, so the
+        # checkpoint's weights and optimizer state fit.
+        for callback in self.callback_handler.callbacks:
+            restore = getattr(callback, "load_resume_state", None)
+            if callable(restore):
+                restore(resume_from_checkpoint, unwrap_model(model if model is not None else self.model))
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.iw_callback.resume_dir = resume_from_checkpoint

@@ -96,6 +96,9 @@ def checkpoint_to_resume(parsed: ParsedArgs, settings: dict[str, Any]) -> str | 
             return None
         flag = f"the last checkpoint in --output_dir {training.output_dir} ({os.path.basename(checkpoint)})"
     fresh = "pass --overwrite_output_dir to start fresh (or another --output_dir)"
+    problem = get_method(parsed.adapter_args.adapter).resume_problem
+    if problem:
+        raise ValueError(f"{flag} cannot be resumed: {problem}")
     path = os.path.join(checkpoint, RUN_SETTINGS_FILE)
     if not os.path.isfile(path):
         raise ValueError(f"{flag} has no {RUN_SETTINGS_FILE}: it was not written by run_glue_iw.py; {fresh}")

@@ -37,6 +37,11 @@ from .base import Method, MethodContext, MethodSetup, estimate_train_steps, has_
 logger = logging.getLogger(__name__)
 
 ADALORA_FILE = "adalora_ranks.json"
+RESUME_PROBLEM = (
+    "AdaLoRA does not resume exactly: peft saves its adapter already truncated to the pruned ranks and does not "
+    "checkpoint the allocator's importance EMAs, so a resumed run would prune differently from the interrupted "
+    "one; start fresh (--overwrite_output_dir)"
+)
 
 
 def adalora_schedule(total_step: int, tinit_frac: float, tfinal_frac: float) -> tuple[int, int]:
@@ -193,6 +198,11 @@ class AdaLoraCallback(TrainerCallback):
 
     drives_update_and_allocate = True  # what IWTrainer checks for before training a peft AdaLoRA model
 
+    def load_resume_state(self, checkpoint: str, model: torch.nn.Module) -> None:
+        """Called by [`IWTrainer`] before a checkpoint is loaded: AdaLoRA cannot resume exactly (see
+        :data:`RESUME_PROBLEM`), so it refuses instead of continuing a different run."""
+        raise ValueError(f"cannot resume {checkpoint}: {RESUME_PROBLEM}")
+
     def __init__(
         self, tinit_frac: float | None = None, tfinal_frac: float | None = None, write_file: bool = True
     ) -> None:
@@ -233,11 +243,6 @@ class AdaLoraCallback(TrainerCallback):
                 old,
                 (total, tinit, tfinal),
                 total,
-            )
-        if state.global_step > 0:
-            logger.warning(
-                "AdaLoRA: resuming at step %d; peft's importance EMAs are not checkpointed and restart from zero",
-                state.global_step,
             )
         alloc = tuner.rankallocator
         logger.info(
@@ -372,6 +377,7 @@ class AdaLoraMethod(Method):
 
     name = "adalora"
     arguments = AdaLoraArguments
+    resume_problem = RESUME_PROBLEM
 
     def build(self, model: nn.Module, ctx: MethodContext) -> MethodSetup:
         from peft import get_peft_model

@@ -30,6 +30,7 @@ Both modes write their record to ``<output_dir>/rank_allocation.json``.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import os
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..files import write_json
 from ..sensitivity import compute_sensitivities
@@ -60,6 +62,7 @@ from .base import (
 logger = logging.getLogger(__name__)
 
 RANK_ALLOCATION_FILE = "rank_allocation.json"
+GRADNORM_STATE_FILE = "gradnorm_state.json"  # in every checkpoint of an ema run: its EMA, or its allocation
 
 RankCap = int | Mapping[str, int] | None
 
@@ -403,6 +406,7 @@ class GradNormRankCallback(TrainerCallback):
         self.write_file = write_file
         self.record: dict[str, Any] | None = None
         self.done = False
+        self._resumed: dict[str, Any] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -432,18 +436,58 @@ class GradNormRankCallback(TrainerCallback):
                 f"GradNormRankCallback: warmup_steps={self.warmup_steps} >= the run's {state.max_steps} optimizer "
                 "steps; the ranks would never be re-allocated. Shorten the warm-up or train longer."
             )
-        if state.global_step >= self.warmup_steps:
+        resumed, self._resumed = self._resumed, None
+        if state.global_step > 0 and resumed is None:
             raise RuntimeError(
-                "GradNormRankCallback: resuming after the rank re-allocation is not supported; build the model with "
-                f"the ranks in {RANK_ALLOCATION_FILE} (rebuild_lora_ranks) and train on"
+                f"GradNormRankCallback: resuming at step {state.global_step} without the checkpoint's "
+                f"{GRADNORM_STATE_FILE}; resume through IWTrainer.train(resume_from_checkpoint=...), which restores "
+                "the allocated ranks and the gradient-norm EMA before the weights"
             )
-        if state.global_step > 0:
-            logger.warning("gradnorm: resuming inside the warm-up; the gradient-norm EMA restarts from zero")
         self._reset()
+        if resumed is not None and resumed["done"]:  # the ranks were allocated before the checkpoint: nothing to do
+            self.record, self.done = resumed["record"], True
+            return
         self.record, self.done = None, False
         self._targets = find_lora_targets(model, self.adapter_name)
         self._params = [p for t in self._targets for p in (t.lora_A, t.lora_B)]
         self._ema = torch.zeros(len(self._targets), dtype=torch.float32, device=self._params[0].device)
+        if resumed is not None:  # inside the warm-up: the EMA continues where the checkpoint left it
+            ema = resumed["ema"]
+            self._ema.copy_(torch.tensor([ema[t.name] for t in self._targets], dtype=torch.float32))
+            self._count = resumed["count"]
+
+    # -- exact resume ------------------------------------------------------------------------------------------------
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """``gradnorm_state.json`` in the checkpoint: the EMA and its count, or the allocation once it happened."""
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not state.is_world_process_zero or not os.path.isdir(folder):
+            return
+        ema = self._ema.tolist() if self._ema is not None else []  # one sync per checkpoint
+        write_json(
+            os.path.join(folder, GRADNORM_STATE_FILE),
+            {
+                "done": self.done,
+                "count": self._count,
+                "ema": {t.name: v for t, v in zip(self._targets, ema)},
+                "record": self.record,
+            },
+        )
+
+    def load_resume_state(self, checkpoint: str, model: nn.Module) -> None:
+        """Called by [`IWTrainer`] before the checkpoint's weights are loaded: rebuild the LoRA layers with the
+        allocated ranks (so the weights and the optimizer state fit), or keep the warm-up's EMA for
+        ``on_train_begin``."""
+        path = os.path.join(checkpoint, GRADNORM_STATE_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"{checkpoint} has no {GRADNORM_STATE_FILE}: it was not written by a gradnorm run, so its ranks and "
+                "gradient-norm EMA cannot be restored; start fresh"
+            )
+        with open(path) as handle:
+            self._resumed = json.load(handle)
+        if self._resumed["done"]:
+            ranks = {name: m["rank"] for name, m in self._resumed["record"]["modules"].items()}
+            rebuild_lora_ranks(model, ranks, adapter_name=self.adapter_name)
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
