@@ -63,6 +63,10 @@ class IWTrainingArguments(TrainingArguments):
     def __post_init__(self):
         super().__post_init__()
         self.iw_settings  # noqa: B018 - validates, naming the iw_* argument
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)  # the Trainer would fail later inside a DataLoader, not naming the flag
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name} must be an integer >= 1, got {value!r}")
 
     @property
     def iw_settings(self) -> IWSettings:

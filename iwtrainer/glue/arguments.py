@@ -7,6 +7,7 @@ defaults (``--iw_alpha`` is 0 for methods without plain LoRA factors) are resolv
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -250,6 +251,11 @@ def build_parser() -> Any:
 
     parser = HfArgumentParser(_dataclass_types())
     parser._option_string_actions["--adapter"].choices = list(METHODS)  # the registry decides
+
+    def error(message: str) -> None:  # argparse prints its usage block first: bad input is one line here
+        parser.exit(2, f"{parser.prog}: error: {' '.join(message.split())}\n")
+
+    parser.error = error
     return parser
 
 
@@ -313,6 +319,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ParsedArgs:
     values = vars(parser.parse_args(argv))
     resolve_method_defaults(values)
     parsed = {type(obj): obj for obj in parser.parse_dict(values)}
+    output_dir = values.get("output_dir")
+    if output_dir and os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output_dir {output_dir!r} is a file; expected a folder (created when missing)")
     for flag in ("model_name_or_path", "glue_dir", "output_dir"):
         value = values.get(flag)
         var = _ENV_VAR.search(value or "")
@@ -333,12 +342,22 @@ def parse_args(argv: Sequence[str] | None = None) -> ParsedArgs:
 
 
 def resolve_method_defaults(values: dict[str, Any]) -> None:
-    """The one place where a method changes another flag's default: the IW penalty needs plain LoRA factors, so
-    ``iw_alpha`` defaults to 0 for other methods and an explicit value > 0 there is an error."""
+    """The one place where the method changes other flags: the IW penalty needs plain LoRA factors, so ``iw_alpha``
+    defaults to 0 for other methods and an explicit value > 0 there is an error; another method's own flags (set on
+    the command line or in the config) have no effect and are an error too."""
     given = values["iw_alpha"] is not _NOT_GIVEN
     adapter = "gradnorm" if values.get("rank_allocation") == "gradnorm" else values["adapter"]
     method = METHODS.get(adapter)
     uses_iw = method is None or method.uses_iw  # an unknown --adapter: AdapterArguments names it
+    for other in METHODS.values():
+        if other is method or other.arguments is None:
+            continue
+        for f in dataclasses.fields(other.arguments):
+            if f.name in values and values[f.name] != f.default:
+                raise ValueError(
+                    f"--{f.name} is a flag of --adapter {other.name}; it has no effect with --adapter {adapter}: "
+                    f"leave it out or pass --adapter {other.name}"
+                )
     if not given:
         values["iw_alpha"] = IWSettings.alpha if uses_iw else 0.0
         if not uses_iw:

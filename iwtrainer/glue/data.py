@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from ..errors import one_line
 from ..training_args import IWTrainingArguments
 from .arguments import DataTrainingArguments, ModelArguments, _file_extension
 from .tasks import compute_glue_metrics, get_glue_task
@@ -65,12 +66,22 @@ def load_task_data(
             if _file_extension(data_args.test_file) != _file_extension(data_args.train_file):
                 raise ValueError("--test_file must have the same extension (csv or json) as --train_file")
             data_files["test"] = data_args.test_file
-        for flag, path in (("train_file", data_args.train_file), ("validation_file", data_args.validation_file)):
-            if not os.path.isfile(path):
+        for flag, path in (("train_file", data_args.train_file), ("validation_file", data_args.validation_file),
+                           ("test_file", data_files.get("test"))):  # fmt: skip
+            if path is not None and not os.path.isfile(path):
                 raise ValueError(f"--{flag} {path!r} does not exist")
-        raw = load_dataset(
-            _file_extension(data_args.train_file), data_files=data_files, cache_dir=model_args.cache_dir
-        )
+            if path is not None and os.path.getsize(path) == 0:
+                raise ValueError(f"--{flag} {path!r} is empty; expected a header row and labelled rows")
+            if path is not None and path.lower().endswith(".csv") and _non_empty_lines(path) < 2:
+                raise ValueError(f"--{flag} {path!r} has a header but no rows; expected labelled rows")
+        extension = _file_extension(data_args.train_file)
+        try:
+            raw = load_dataset(extension, data_files=data_files, cache_dir=model_args.cache_dir)
+        except Exception as exc:  # datasets wraps every parse error in DatasetGenerationError
+            cause = exc.__cause__ or exc
+            raise ValueError(
+                f"--train_file/--validation_file: cannot be read as {extension}: {one_line(cause)}"
+            ) from exc
         source = "--train_file/--validation_file"
 
     if task is not None:
@@ -96,6 +107,17 @@ def load_task_data(
     return TaskData(raw, is_regression, label_list, keys, source)
 
 
+def _non_empty_lines(path: str, enough: int = 2) -> int:
+    """Non-blank lines of a text file, counting no further than ``enough``."""
+    count = 0
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            count += bool(line.strip())
+            if count >= enough:
+                break
+    return count
+
+
 def select_splits(
     data: TaskData, data_args: DataTrainingArguments, training_args: IWTrainingArguments
 ) -> dict[str, list[tuple[str, Any]]]:
@@ -110,6 +132,8 @@ def select_splits(
     def need(split: str, flag: str) -> Any:
         if split not in raw:
             raise ValueError(f"{flag} needs a {split!r} split but {data.source} has only {sorted(raw)}")
+        if len(raw[split]) == 0:
+            raise ValueError(f"{flag}: the {split!r} split of {data.source} has no rows; expected labelled rows")
         return raw[split]
 
     def cap(ds: Any, limit: int | None) -> Any:

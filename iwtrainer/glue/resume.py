@@ -19,6 +19,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..files import write_json
+from ..importance import IMPORTANCE_FILE
 from ..methods import get_method
 
 if TYPE_CHECKING:
@@ -111,5 +112,11 @@ def checkpoint_to_resume(parsed: ParsedArgs, settings: dict[str, Any]) -> str | 
         raise ValueError(
             f"{flag} was written with other settings ({shown}{more}); resume with the same flags, or {fresh}"
         )
+    if training.iw_settings.calibrates and get_method(parsed.adapter_args.adapter).uses_iw:
+        if not os.path.isfile(os.path.join(checkpoint, IMPORTANCE_FILE)):
+            raise ValueError(
+                f"{flag} has no {IMPORTANCE_FILE}: the importance weights must come from the original calibration, "
+                f"never a new one mid-run; {fresh}"
+            )
     logger.info("Checkpoint detected, resuming training at %s", checkpoint)
     return checkpoint

@@ -85,6 +85,18 @@ def setup_logging(training_args: IWTrainingArguments) -> None:
     transformers.utils.logging.enable_propagation()
 
 
+def check_report_to(training_args: IWTrainingArguments) -> None:
+    """Each ``--report_to`` integration can start (its package is installed): a clear error before anything runs."""
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    for name in training_args.report_to or []:
+        try:
+            for callback in get_reporting_integration_callbacks([name]):
+                callback()  # integrations check their package in __init__ (e.g. TensorBoard's SummaryWriter)
+        except (RuntimeError, ImportError, ValueError) as exc:
+            raise ValueError(f"--report_to {name}: {one_line(exc)}") from exc
+
+
 def prepare(argv: list[str] | None, parsed: ParsedArgs | None = None) -> Run:
     """Parse, load and check data, model and adapter targets; writes nothing (errors here are the user's)."""
     parsed = parsed or parse_args(argv)
@@ -99,6 +111,7 @@ def prepare(argv: list[str] | None, parsed: ParsedArgs | None = None) -> Run:
         training_args.fp16,
     )
     logger.info("Training/evaluation parameters %s", training_args)
+    check_report_to(training_args)
     settings = run_settings(parsed)
     checkpoint = checkpoint_to_resume(parsed, settings)  # a foreign checkpoint is refused before anything is loaded
     set_seed(training_args.seed)  # before the head is initialised
