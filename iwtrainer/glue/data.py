@@ -48,7 +48,14 @@ def load_task_data(
         raw = load_glue_from_dir(data_args.glue_dir, task.name)  # GlueDataError: missing folder/column, bad label
         source = f"--glue_dir {data_args.glue_dir}"
     elif task is not None:
-        raw = load_dataset("nyu-mll/glue", task.name, cache_dir=model_args.cache_dir, token=model_args.token)
+        try:
+            raw = load_dataset("nyu-mll/glue", task.name, cache_dir=model_args.cache_dir, token=model_args.token)
+        except Exception as exc:  # ConnectionError, OSError, DatasetNotFoundError, ...: say how to run offline
+            raise ValueError(
+                f"--task_name {task.name}: the hub dataset nyu-mll/glue could not be loaded ({one_line(exc)}); "
+                f"offline, pass --glue_dir DIR (or set $GLUE_DIR) with the original GLUE TSV layout "
+                f"(DIR/{task.folder}/train.tsv, dev.tsv)"
+            ) from exc
         source = f"hub dataset nyu-mll/glue ({task.name})"
     elif data_args.dataset_name is not None:
         raw = load_dataset(

@@ -66,7 +66,8 @@ def load_model_and_tokenizer(
                 **common,
             )
     except OSError as exc:
-        raise OSError(f"--{flag} {value!r}: {one_line(exc)}") from exc
+        hint = "" if os.path.isdir(os.path.expanduser(value)) else "; offline, pass a local model folder instead"
+        raise OSError(f"--{flag} {value!r}: {one_line(exc)}{hint}") from exc
     return tokenizer, model, sorted(info.get("missing_keys", ()))
 
 
