@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One device call of the all-mpnet-base-v2 evidence grid (GLUE_MPNET.md): every TASK/METHOD of
+# `glue_table.py --grid_cells benchmarks/results/glue_mpnet_tuning.json` (LoRA and the three penalties at their
+# held-out-selected α — already in glue_mpnet_dev.jsonl, so skipped — then gradnorm, PiSSA, DoRA, EVA at the family's
+# lr, AdaLoRA's paper recipe, full fine-tuning and the WSA sweep) × seeds, trained on .gpu/glue's full train.tsv and
+# scored on the GLUE dev set, with this checkout's code. Resumable; stops by itself at the deadline.
+#   bash benchmarks/mpnet_grid.sh [DEADLINE_S] [SEEDS] [GPUS] [PARALLEL] [TASKS]   (520, 1,2,3,4,5, 0,1, 12, all)
+set -o pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+OUT=${OUT:-/tmp/work/out}
+MODEL=/tmp/models/all-mpnet-base-v2
+mkdir -p /tmp/work "$OUT"
+[ -f "$MODEL/config.json" ] || { echo "no $MODEL: stage the model first"; exit 3; }
+if [ ! -s /tmp/work/grid.jsonl ]; then  # start from the committed runs (same cells are skipped)
+  cat benchmarks/results/glue_mpnet_dev.jsonl benchmarks/results/glue_mpnet_grid.jsonl 2>/dev/null >/tmp/work/grid.jsonl
+fi
+CELLS=$(python3 benchmarks/glue_table.py --grid_cells benchmarks/results/glue_mpnet_tuning.json)
+if [ -n "${5:-}" ]; then CELLS=$(echo "$CELLS" | tr ',' '\n' | grep -E "^(${5//,/|})/" | paste -sd,); fi
+nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv -l 30 >"$OUT/smi.csv" 2>&1 &
+SMI=$!
+python3 benchmarks/glue_table.py --cells "$CELLS" --seeds "${2:-1,2,3,4,5}" --model "$MODEL" --glue_dir .gpu/glue \
+  --gpus "${3:-0,1}" --parallel "${4:-12}" --deadline_s "${1:-520}" \
+  --est_results benchmarks/results/glue_mpnet_dev.jsonl --est_scale 1.3 \
+  --results /tmp/work/grid.jsonl --runs_dir /tmp/work/runs 2>&1 | tee "$OUT/log"
+rc=$?
+kill "$SMI" 2>/dev/null
+# Only the new lines go back (the dev runs stay in their own file).
+python3 - <<'PY'
+import json
+seen = {json.loads(l)["key"] for l in open("benchmarks/results/glue_mpnet_dev.jsonl") if l.strip()}
+new = [l for l in open("/tmp/work/grid.jsonl") if l.strip() and json.loads(l)["key"] not in seen]
+open("/tmp/work/out/glue_mpnet_grid.jsonl", "w").writelines(new)
+PY
+exit $rc
