@@ -13,8 +13,13 @@ def write_json(path: str | os.PathLike[str], data: Any, indent: int = 2) -> str:
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=indent, default=str)
-        handle.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(data, handle, indent=indent, default=str)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):  # the target is untouched; leave no half-written temporary beside it
+            os.remove(tmp)
+        raise
     return path

@@ -107,6 +107,11 @@ def find_lora_targets(model: nn.Module, adapter_name: str | None = None) -> list
                 f"iwtrainer: LoRA layer '{short_name(name)}' wraps a {type(module.get_base_layer()).__name__}; "
                 "only nn.Linear and transformers Conv1D targets are supported (check lora target_modules)."
             )
+        if not isinstance(module.lora_A[adapter], nn.Linear):  # AdaLoRA's SVD layers keep A, E, B as Parameters
+            raise ValueError(
+                f"iwtrainer: LoRA layer '{short_name(name)}' is a {type(module).__name__} (e.g. AdaLoRA); the IW "
+                "penalty is defined for plain LoRA Δ = s·BA only."
+            )
         if adapter in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(adapter, False):
             raise ValueError(
                 f"iwtrainer: LoRA layer '{short_name(name)}' uses a LoRA variant (e.g. DoRA); the IW penalty is "

@@ -182,8 +182,8 @@ def train_and_evaluate(run: Run) -> None:
             if task == "mnli-mm":
                 metrics = {f"{k}_mm": v for k, v in metrics.items()}
             trainer.log_metrics("eval", metrics)
-            trainer.save_metrics("eval", metrics)
             combined.update(metrics)
+            trainer.save_metrics("eval", combined)  # MNLI: matched and mismatched together, as run_glue.py
         wrote_results = True
 
     if args.do_predict:

@@ -81,7 +81,8 @@ def test_merged_model_loads_alone_and_predicts_the_same(tmp_path, adapter):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     out = tmp_path / adapter
-    main(base_args(out, "rte", "--do_train", "--adapter", adapter, "--merge_adapter", "--wsa_prune_threshold", "0"))
+    keep_all = ["--wsa_prune_threshold", "0"] if adapter == "wsa" else []  # compare every trained direction
+    main(base_args(out, "rte", "--do_train", "--adapter", adapter, "--merge_adapter", *keep_all))
     tokenizer = AutoTokenizer.from_pretrained(str(out / "merged"))
     batch = tokenizer(["A man plays a guitar.", "The cat sat."], ["Someone plays music.", "A dog barks."],
                       return_tensors="pt", padding=True)  # fmt: skip
