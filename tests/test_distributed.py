@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_run_glue import GLUE, MODEL, SCRIPT, needs_shared
+from helpers import GLUE, MODEL, SCRIPT, needs_shared
 
 from iwtrainer.importance import IMPORTANCE_FILE
 

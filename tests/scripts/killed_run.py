@@ -1,6 +1,6 @@
 """``run_glue_iw.py`` that SIGKILLs itself right after writing checkpoint ``KILL_AT_STEP`` (a real crash mid-run).
 
-    python tests/scripts/killed_run.py KILL_AT_STEP <run_glue_iw.py flags>
+python tests/scripts/killed_run.py KILL_AT_STEP <run_glue_iw.py flags>
 """
 
 from __future__ import annotations

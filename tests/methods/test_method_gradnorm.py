@@ -1,4 +1,5 @@
-"""gradnorm rank allocation: exact budgets, cheap mode (rank_pattern), faithful mode (in-place rebuild mid-run)."""
+"""gradnorm rank allocation (iwtrainer.methods.gradnorm): exact budgets, the ema mode (in-place rebuild mid-run) and
+the calibration mode (ranks allocated before the Trainer exists), built through ``build_adapter``."""
 
 import json
 import math
@@ -8,17 +9,23 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
-from tiny import HEAD, RandomClassification, batches, tiny_args, tiny_base, tiny_lora
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from helpers import read
+from peft import PeftModel
+from tiny import RandomClassification, batches, tiny_args, tiny_base, tiny_lora
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 from transformers.trainer_callback import TrainerControl, TrainerState
 
-from iwtrainer import IWTrainer, IWTrainingArguments, compute_sensitivities, find_lora_targets
-from iwtrainer.rank_allocation import (
+from iwtrainer import IWTrainer, IWTrainingArguments, find_lora_targets
+from iwtrainer.methods import AdapterArguments, build_adapter
+from iwtrainer.methods.base import estimate_train_steps, optimizer_steps_per_epoch
+from iwtrainer.methods.gradnorm import (
     RANK_ALLOCATION_FILE,
+    GradNormArguments,
     GradNormRankCallback,
+    RankCalibration,
+    _check_warmup,
     allocate_ranks,
-    gradnorm_rank_pattern,
+    check_single_process,
     rebuild_lora_ranks,
 )
 from iwtrainer.targets import layout_version
@@ -98,42 +105,8 @@ def test_allocation_examples_and_errors():
         allocate_ranks({"a": 1.0}, 2.5)
 
 
-# -- cheap mode ----------------------------------------------------------------------------------------------------
-
-
 def lora_shapes(model) -> dict[str, int]:
     return {t.name: t.lora_A.shape[0] for t in find_lora_targets(model)}
-
-
-def test_cheap_mode_lora_config_meets_the_budget():
-    ds = RandomClassification(n=32)
-    sens = compute_sensitivities(tiny_lora("bert", r=R), batches(ds, 16), num_steps=2, show_progress=False)
-    assert len(sens) == K
-    plan = gradnorm_rank_pattern(sens, lora_r=R, lora_alpha=2 * R)
-    assert plan.budget == K * R and sum(plan.rank_pattern.values()) == K * R
-    model = get_peft_model(tiny_base("bert"), plan.lora_config(modules_to_save=HEAD["bert"]))
-    shapes = lora_shapes(model)
-    assert shapes == plan.rank_pattern and sum(shapes.values()) == K * R
-    assert len(set(shapes.values())) > 1
-    for t in find_lora_targets(model):
-        assert t.scaling == pytest.approx(2.0)  # uniform lora_alpha / lora_r, whatever r_k
-
-
-def test_cheap_mode_rank_zero_means_no_adapter():
-    sens = {t: 1.0 for t in lora_shapes(tiny_lora("bert", r=R))}
-    dropped = "bert.encoder.layer.1.attention.self.key"
-    sens[dropped] = 0.0
-    record = {
-        "modules": {k: {"sensitivity": v, "weight": 0.1} for k, v in sens.items()}
-    }  # a SensitivityCallback record
-    plan = gradnorm_rank_pattern(record, lora_r=R, lora_alpha=8, use_rslora=True)
-    assert plan.ranks[dropped] == 0 and dropped not in plan.target_modules and dropped not in plan.rank_pattern
-    model = get_peft_model(tiny_base("bert"), plan.lora_config())
-    shapes = lora_shapes(model)
-    assert dropped not in shapes and sum(shapes.values()) == K * R
-    assert isinstance(model.get_submodule(f"base_model.model.{dropped}"), torch.nn.Linear)
-    for t in find_lora_targets(model):
-        assert t.scaling == pytest.approx(8 / math.sqrt(R))
 
 
 # -- rebuild ---------------------------------------------------------------------------------------------------------
@@ -217,7 +190,7 @@ def test_rebuild_in_place_keeps_delta_optimizer_and_save_load(tmp_path):
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
 
 
-# -- faithful mode through the Trainer ----------------------------------------------------------------------------
+# -- ema mode through the Trainer ----------------------------------------------------------------------------
 
 
 class FirstTokenTask(RandomClassification):
@@ -253,7 +226,7 @@ def make_args(tmp_path, cls=TrainingArguments, **kw):
 WARMUP = 4
 
 
-def train_faithful(tmp_path, trainer_cls=Trainer, args_cls=TrainingArguments, **kw):
+def train_ema(tmp_path, trainer_cls=Trainer, args_cls=TrainingArguments, **kw):
     model = tiny_lora("bert", r=R)
     pre, post = Snapshot(WARMUP), Snapshot(WARMUP)
     gradnorm = GradNormRankCallback(warmup_steps=WARMUP)
@@ -263,9 +236,11 @@ def train_faithful(tmp_path, trainer_cls=Trainer, args_cls=TrainingArguments, **
     return trainer, model, pre, gradnorm, post
 
 
-def test_faithful_mode_rebuilds_mid_run(tmp_path):
-    trainer, model, pre, gradnorm, post = train_faithful(tmp_path)
+def test_ema_mode_rebuilds_mid_run(tmp_path):
+    trainer, model, pre, gradnorm, post = train_ema(tmp_path)
     record = json.loads((tmp_path / RANK_ALLOCATION_FILE).read_text())
+    assert record == json.loads(json.dumps(gradnorm.record))
+    assert (record["mode"], record["rank_allocation_mode"], record["warmup_steps"]) == ("gradnorm", "ema", WARMUP)
     ranks = {n: m["rank"] for n, m in record["modules"].items()}
     assert record["budget"] == K * R and sum(ranks.values()) == K * R and len(ranks) == K
     assert any(r != R for r in ranks.values())  # the allocation really changed shapes
@@ -291,8 +266,8 @@ def test_faithful_mode_rebuilds_mid_run(tmp_path):
     assert last < 0.8 * right_after, losses
 
 
-def test_faithful_mode_with_iw_penalty(tmp_path):
-    trainer, model, _, gradnorm, _ = train_faithful(
+def test_ema_mode_with_iw_penalty(tmp_path):
+    trainer, model, _, gradnorm, _ = train_ema(
         tmp_path,
         trainer_cls=IWTrainer,
         args_cls=IWTrainingArguments,
@@ -314,9 +289,98 @@ def test_faithful_mode_with_iw_penalty(tmp_path):
     assert sum(r for r in lora_shapes(model).values()) == K * R
 
 
-def test_faithful_mode_refuses_distributed_and_short_runs():
+def test_ema_mode_refuses_distributed_and_short_runs():
     cb = GradNormRankCallback(warmup_steps=4)
-    with pytest.raises(RuntimeError, match="cheap mode"):
+    with pytest.raises(ValueError, match="single process, not with 2 processes: use --rank_allocation_mode calib"):
         cb.on_train_begin(SimpleNamespace(world_size=2), TrainerState(max_steps=10), TrainerControl())
     with pytest.raises(ValueError, match="never be re-allocated"):
         cb.on_train_begin(SimpleNamespace(world_size=1), TrainerState(max_steps=4), TrainerControl())
+
+
+# -- through build_adapter: the method's checks and the calibration mode -------------------------------------------
+
+
+def iw_args(tmp_path, **kw) -> IWTrainingArguments:
+    return IWTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kw)
+
+
+def test_ema_mode_refuses_several_processes(tmp_path, monkeypatch):
+    args = iw_args(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun / accelerate launch
+    adapter_args = AdapterArguments(lora_r=2, rank_allocation="gradnorm")
+    with pytest.raises(ValueError, match="ema .*single process.*2 processes: use --rank_allocation_mode calibration"):
+        build_adapter(tiny_base("bert"), adapter_args, args)
+    calibration = GradNormArguments(rank_allocation_mode="calibration")
+    setup = build_adapter(tiny_base("bert"), adapter_args, args, options=calibration)
+    assert setup.state is not None and setup.state.budget == 12 * 2
+    assert isinstance(setup.state, RankCalibration) and setup.state.calib_steps == 150  # --rank_calib_steps' default
+
+
+def test_calibration_before_the_trainer_on_a_tiny_model(tmp_path):
+    """prepare_training allocates the ranks in place; the trainer then starts with them and writes the record."""
+    from datasets import Dataset
+
+    data = RandomClassification(n=32)
+    rows = {"input_ids": data.input_ids.tolist(), "attention_mask": data.attention_mask.tolist()}
+    dataset = Dataset.from_dict({**rows, "label": data.labels.tolist(), "idx": list(range(32))})  # idx: unused
+    adapter_args = AdapterArguments(lora_r=2, adapter="gradnorm")
+    options = {GradNormArguments: GradNormArguments("calibration", rank_budget=30, rank_min=1, rank_calib_steps=3)}
+    args = iw_args(tmp_path, max_steps=2, per_device_train_batch_size=8, iw_calib_steps=50, iw_alpha=0.0)
+    setup = build_adapter(tiny_base("bert"), adapter_args, args, options=options)
+    model = setup.model
+    calls = []
+    real_run = setup.state.run
+    setup.state.run = lambda *a: calls.append(a) or real_run(*a)
+    setup.prepare_training(dataset, default_data_collator, args)
+    setup.prepare_training(dataset, default_data_collator, args)  # runs once
+    assert len(calls) == 1 and setup.model is model
+    assert setup.state.record["rank_calib_steps"] == 3  # its own flag, not --iw_calib_steps
+    ranks = {n: m["rank"] for n, m in setup.state.record["modules"].items()}
+    assert sum(ranks.values()) == 30 and min(ranks.values()) >= 1 and len(set(ranks.values())) > 1
+    shapes = {n: m.lora_A["default"].weight.shape[0] for n, m in model.base_model.model.named_modules()
+              if hasattr(m, "lora_A") and "default" in m.lora_A}  # fmt: skip
+    assert shapes == ranks
+    IWTrainer(model=model, args=args, train_dataset=dataset, callbacks=setup.callbacks).train()
+    assert read(tmp_path / "rank_allocation.json") == json.loads(json.dumps(setup.state.record))
+
+
+def test_calibration_mode_refuses_to_train_without_prepare_training(tmp_path):
+    adapter_args = AdapterArguments(lora_r=2, rank_allocation="gradnorm")
+    args = iw_args(tmp_path, max_steps=2, iw_alpha=0.0)
+    setup = build_adapter(tiny_base("bert"), adapter_args, args, options=GradNormArguments("calibration"))
+    trainer = IWTrainer(
+        model=setup.model, args=args, train_dataset=RandomClassification(n=16), callbacks=setup.callbacks
+    )
+    with pytest.raises(RuntimeError, match="ranks were not allocated; call MethodSetup.prepare_training"):
+        trainer.train()
+
+
+def test_default_warmup_is_one_epoch_of_the_trainers_optimizer_steps(tmp_path):
+    model = tiny_lora("bert", r=R)
+    gradnorm = GradNormRankCallback(warmup_steps=None)
+    args = make_args(tmp_path, per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=6)
+    Trainer(model=model, args=args, train_dataset=FirstTokenTask(n=40), callbacks=[gradnorm]).train()
+    # 40 rows / batch 8 = 5 batches per epoch, 2 per optimizer step: 3 optimizer steps (the last one short)
+    assert gradnorm.warmup_steps == 3 == optimizer_steps_per_epoch(40, args)
+    assert gradnorm.record["warmup_steps"] == 3 and gradnorm.record["rank_allocation_mode"] == "ema"
+    assert sum(lora_shapes(model).values()) == K * R
+
+
+def test_run_length_and_warmup_checks(tmp_path, monkeypatch):
+    args = iw_args(tmp_path, per_device_train_batch_size=8, num_train_epochs=2)
+    assert optimizer_steps_per_epoch(60, args) == 8 and estimate_train_steps(60, args) == 16
+    monkeypatch.setenv("WORLD_SIZE", "2")  # 30 rows per process: 4 batches
+    assert optimizer_steps_per_epoch(60, args) == 4 and estimate_train_steps(60, args) == 8
+    with pytest.raises(ValueError, match="not with 2 processes"):
+        check_single_process(args)
+    monkeypatch.delenv("WORLD_SIZE")
+    assert estimate_train_steps(60, iw_args(tmp_path, max_steps=5)) == 5
+    check_single_process(args)  # one process: fine
+    with pytest.raises(ValueError, match=r"in a single process, not with DeepSpeed/FSDP: use --rank_allocation_mode"):
+        check_single_process(SimpleNamespace(world_size=1, deepspeed="ds_config.json"))
+    _check_warmup(3, 4, 10)  # an explicit warm-up shorter than the run
+    _check_warmup(None, 5, 4)  # one epoch of 4 steps in a 5-step run
+    with pytest.raises(ValueError, match=r"--rank_warmup_steps \(one epoch: 4\) must be < the run's 4 optimizer"):
+        _check_warmup(None, 4, 4)
+    with pytest.raises(ValueError, match="--rank_warmup_steps 6 must be < the run's 6 optimizer steps"):
+        _check_warmup(6, 6, 2)

@@ -1,4 +1,4 @@
-"""Tests for the Weighted Spectral Adapter (iwtrainer.wsa) on tiny BERT (nn.Linear) and GPT-2 (Conv1D) models."""
+"""The Weighted Spectral Adapter (iwtrainer.methods.wsa) on tiny BERT (nn.Linear) and GPT-2 (Conv1D) models."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
-from iwtrainer.wsa import (
+from iwtrainer.methods.wsa import (
     WSA_CONFIG_NAME,
     WSA_WEIGHTS_NAME,
     WSAConfig,
@@ -331,9 +331,12 @@ def test_no_match_error_names_target_modules_and_candidates():
     with pytest.raises(ValueError, match="target_modules") as exc:
         apply_wsa(make_model("bert"), WSAConfig(target_modules=["q_proj"]))
     assert "query" in str(exc.value) and "classifier" in str(exc.value)
+    # the candidates read like LoRA's (iwtrainer.targets.candidates_message): names inside the blocks, then the rest
+    assert "attention.self.query" in str(exc.value) and "(inside bert.encoder.layer.N)" in str(exc.value)
+    assert "other linear layers: bert.pooler.dense, classifier" in str(exc.value) and "\n" not in str(exc.value)
     with pytest.raises(ValueError, match="target_modules") as exc:
         apply_wsa(make_model("gpt2"), WSAConfig(target_modules=r".*\.q_proj"))
-    assert "c_attn" in str(exc.value)
+    assert "c_attn" in str(exc.value) and "(inside transformer.h.N)" in str(exc.value)
 
 
 def test_non_linear_target_and_bad_config_errors():
@@ -376,3 +379,35 @@ def test_training_reduces_loss_and_merge_matches(kind):
     merged = merge_wsa(model)
     assert not wsa_layers(merged)
     torch.testing.assert_close(logits(merged, inputs), adapted, rtol=1e-5, atol=1e-5)
+
+
+# (9) the method through build_adapter ---------------------------------------------------------------------------
+def test_method_wraps_the_lora_targets_and_adds_the_gate_penalty(tmp_path):
+    from tiny import tiny_base
+
+    from iwtrainer import IWTrainingArguments
+    from iwtrainer.methods import AdapterArguments, build_adapter
+    from iwtrainer.methods.wsa import WSAArguments
+
+    args = IWTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", iw_alpha=0.0)
+    options = WSAArguments(wsa_r_init=4, wsa_gate_l1=0.5, wsa_prune_threshold=0.1)
+    setup = build_adapter(tiny_base("bert"), AdapterArguments(adapter="wsa"), args, options=options)
+    assert [n for n, _ in wsa_layers(setup.model)] == setup.target_names and len(setup.target_names) == 12
+    assert all(layer.r == 4 for _, layer in wsa_layers(setup.model))
+    assert setup.head_names == ["classifier", "bert.pooler"] and setup.callbacks == []
+    trainable = {n.split(".")[0] for n, p in setup.model.named_parameters() if p.requires_grad and "encoder" not in n}
+    assert trainable == {"classifier", "bert"}  # the head and bert.pooler, trained in full
+    config = setup.state
+    assert (config.r_init, config.gate_l1, config.prune_threshold) == (4, 0.5, 0.1)
+    assert config.modules_to_save == ["classifier", "bert.pooler"]
+    randomize(setup.model)
+    torch.testing.assert_close(setup.regularizers["wsa_gate_l1"](setup.model), 0.5 * wsa_gate_l1(setup.model))
+    off = build_adapter(tiny_base("bert"), AdapterArguments(adapter="wsa"), args, options=WSAArguments(wsa_gate_l1=0))
+    assert off.regularizers == {}  # λ = 0: no penalty term at all
+    for kwargs, message in [
+        (dict(wsa_r_init=0), "--wsa_r_init must be >= 1"),
+        (dict(wsa_gate_l1=-1.0), "--wsa_gate_l1 must be >= 0"),
+        (dict(wsa_prune_threshold=1.5), r"--wsa_prune_threshold must be in \[0, 1\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            WSAArguments(**kwargs)

@@ -1,50 +1,46 @@
-"""Tests for iwtrainer.hpo: search space files, objectives, ``run_search`` through ``Trainer.hyperparameter_search``
-(fresh model and calibration per trial, shared optuna storage) and ``run_glue_iw.py --hpo_trials``."""
+"""Tests for iwtrainer.search: search space files, objectives, ``run_search`` through
+``Trainer.hyperparameter_search`` (fresh model and calibration per trial, shared optuna storage) on a tiny model.
+
+``run_glue_iw.py --hpo_trials`` is tested in ``glue/test_glue_search.py``."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
 import yaml
-from test_run_glue import GLUE, MODEL, ROOT, SCRIPT, needs_shared  # the real encoder and GLUE rows from ../shared
+from helpers import ROOT, in_space
 from tiny import RandomClassification, tiny_lora
 from transformers import TrainerCallback
 
 from iwtrainer import IMPORTANCE_FILE, IWTrainer, IWTrainingArguments, SensitivityCallback
-from iwtrainer.cli import parse_args
-from iwtrainer.hpo import (
+from iwtrainer.search import (
+    BACKENDS,
     BEST_FILE,
     DEFAULT_SPACE,
-    RAY_EXTRA,
+    DIRECTIONS,
     RESULTS_FILE,
     BackendNotInstalled,
-    HpoArguments,
+    as_flags,
     check_space,
     glue_objective,
     load_search_space,
-    objective_metric,
+    metric_objective,
     optuna_hp_space,
     ray_hp_space,
     redact,
+    require_backend,
     run_search,
-    split_hpo_args,
 )
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-@pytest.fixture(autouse=True)
-def _no_glue_dir_env(monkeypatch):
-    monkeypatch.delenv("GLUE_DIR", raising=False)
 
 
 # ---- search space ------------------------------------------------------------------------------------------------
@@ -121,9 +117,6 @@ def test_glue_objective_picks_the_task_metric():
     assert glue_objective({"eval_matthews_correlation": 0.4, "eval_loss": 1.0}) == 0.4  # cola
     with pytest.raises(ValueError, match="no GLUE metric"):
         glue_objective({"eval_loss": 0.3})
-    assert objective_metric("mnli") == "eval_accuracy" and objective_metric("cola") == "eval_matthews_correlation"
-    assert objective_metric("stsb") == objective_metric("qqp") == "eval_combined_score"
-    assert objective_metric(None, is_regression=True) == "eval_mse"
 
 
 def test_storage_password_is_redacted():
@@ -181,14 +174,6 @@ def tiny_trainer(out: Path, *callbacks) -> tuple[IWTrainer, list]:
         callbacks=list(callbacks) or None,
     )
     return trainer, models
-
-
-def in_space(params: dict) -> bool:
-    return (
-        1e-5 <= params["learning_rate"] <= 5e-4
-        and params["per_device_train_batch_size"] in (16, 32, 64)
-        and 1e-5 <= params["iw_alpha"] <= 1e-3
-    )
 
 
 def test_two_trial_search_fresh_model_and_calibration_per_trial(tmp_path):
@@ -261,132 +246,31 @@ def test_run_search_needs_model_init(tmp_path):
         run_search(trainer, n_trials=1)
 
 
-# ---- run_glue_iw.py ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("run_glue_iw", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["run_glue_iw"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("run_glue_iw", None)
-
-
-def user_error(script, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as info:
-        script.main(argv)
-    message = info.value.code
-    assert isinstance(message, str) and message.startswith("run_glue_iw.py: error: ") and "\n" not in message
-    return message
-
-
-def test_hpo_flags_and_config_keys(tmp_path, monkeypatch):
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {"model_name_or_path": "m/x", "task_name": "rte", "do_train": True, "learning_rate": 1e-4,
-             "hpo_trials": 4, "hpo_storage": "sqlite:///${HPO_DB}", "output_dir": str(tmp_path / "o")}
-        )
-    )  # fmt: skip
-    monkeypatch.setenv("HPO_DB", "/x/hpo.db")
-    argv = [str(cfg), "--hpo_trials=6", "--learning_rate", "3e-4", "--hpo_direction", "minimize"]
-    with split_hpo_args(argv) as (hpo, rest):
-        _, data_args, _, training_args = parse_args(rest)
-    assert hpo == HpoArguments(hpo_trials=6, hpo_storage="sqlite:////x/hpo.db", hpo_direction="minimize")
-    assert data_args.task_name == "rte" and training_args.learning_rate == 3e-4 and training_args.do_train
-    with split_hpo_args(["--model_name_or_path", "m/x", "--task_name", "rte"]) as (hpo, rest):
-        assert hpo == HpoArguments() and rest == ["--model_name_or_path", "m/x", "--task_name", "rte"]
-
-
-def test_hpo_config_errors_name_the_original_file(tmp_path):
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"model_name_or_path": "m/x", "task_name": "rte", "hpo_trails": 2}))
-    with pytest.raises(ValueError, match=r"run\.yaml: unknown key 'hpo_trails' \(did you mean 'hpo_trials'\?\)"):
-        with split_hpo_args([str(cfg)]):
-            pass
-    cfg.write_text(yaml.safe_dump({"model_name_or_path": "m/x", "task_name": "rte", "hpo_trials": 2, "lr": 1}))
-    with pytest.raises(ValueError) as info:
-        with split_hpo_args([str(cfg)]) as (_, rest):
-            parse_args(rest)
-    assert f"{cfg}: unknown key 'lr'" in str(info.value)
-    with pytest.raises(ValueError, match="--hpo_backend must be one of"):
-        with split_hpo_args(["--hpo_backend", "hyperopt"]):
-            pass
-
-
-def test_minilm_hpo_config_parses(tmp_path, monkeypatch):
-    argv = [str(ROOT / "configs" / "minilm_rte_hpo.yaml"), "--model_name_or_path", "m/x", "--glue_dir", "/g"]
-    with split_hpo_args([*argv, "--output_dir", str(tmp_path)]) as (hpo, rest):
-        _, data_args, adapter_args, training_args = parse_args(rest)
-    assert (hpo.hpo_trials, hpo.hpo_backend, hpo.hpo_direction, hpo.hpo_space) == (8, "optuna", "maximize", None)
-    assert data_args.task_name == "rte" and adapter_args.adapter == "lora" and training_args.iw_alpha > 0
-    assert training_args.do_train and training_args.do_eval
-    monkeypatch.delenv("MINILM_DIR", raising=False)
-    with pytest.raises(ValueError) as info:  # cli's message names the file given, not the copy it was handed
-        with split_hpo_args([str(ROOT / "configs" / "minilm_rte_hpo.yaml"), "--hpo-trials", "2"]) as (hpo, rest):
-            assert hpo.hpo_trials == 2
-            parse_args(rest)
-    assert f"(from {ROOT / 'configs' / 'minilm_rte_hpo.yaml'}) but $MINILM_DIR is not set" in str(info.value)
-    text = (ROOT / "configs" / "minilm_rte_hpo.yaml").read_text()
-    assert text.startswith("#") and "${MINILM_DIR}" in text and "${GLUE_DIR}" in text
-
-
-@pytest.mark.skipif(HAVE_RAY, reason="ray is installed")
-def test_script_ray_backend_without_ray_is_one_line(script, tmp_path):
-    out = tmp_path / "out"
-    argv = ["--model_name_or_path", "m/x", "--task_name", "rte", "--do_train", "--do_eval", "--output_dir", str(out)]
-    message = user_error(script, [*argv, "--hpo_trials", "2", "--hpo_backend", "ray"])
-    assert RAY_EXTRA in message and "ray" in message
-    assert not out.exists()
-
-
-TINY = [
-    "--max_train_samples", "32", "--max_eval_samples", "16", "--max_steps", "2", "--max_seq_length", "32",
-    "--iw_calib_steps", "1", "--per_device_eval_batch_size", "16", "--save_strategy", "no", "--disable_tqdm", "true",
-    "--dataloader_pin_memory", "false", "--report_to", "none",
-]  # fmt: skip
-
-
-def glue_args(out: Path, *extra: str) -> list[str]:
-    return [
-        "--model_name_or_path", str(MODEL), "--glue_dir", str(GLUE), "--task_name", "rte", "--do_train", "--do_eval",
-        "--output_dir", str(out), *TINY, *extra,
-    ]  # fmt: skip
-
-
-@pytest.mark.slow
-@needs_shared
-def test_script_search_on_minilm_rte(script, tmp_path):
-    out = tmp_path / "out"
-    script.main(glue_args(out, "--hpo_trials", "2", "--do_predict"))
-    results = json.loads((out / RESULTS_FILE).read_text())
-    assert len(results["trials"]) == 2 and results["n_complete"] == 2
-    assert all(in_space(t["params"]) and 0 <= t["objective"] <= 1 for t in results["trials"])
-    best = json.loads((out / BEST_FILE).read_text())
-    assert in_space(best) and best == results["best"]["params"]
-    assert results["best"]["objective"] == max(t["objective"] for t in results["trials"])
-    for n in (0, 1):
-        record = json.loads((out / f"run-{n}" / IMPORTANCE_FILE).read_text())
-        assert len(record["modules"]) == 36  # 6 layers x 6 matrices, calibrated on the trial's model
-    assert sorted(p.name for p in out.iterdir()) == [BEST_FILE, RESULTS_FILE, "run-0", "run-1"]  # no run's files
-
-
-@pytest.mark.slow
-@needs_shared
-def test_script_search_bad_input_is_one_line_before_anything_is_written(script, tmp_path):
-    out = tmp_path / "out"
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"lora_r": {"type": "int", "low": 2, "high": 8}}))
-    message = user_error(script, glue_args(out, "--hpo_trials", "2", "--hpo_space", str(space)))
-    assert str(space) in message and "'lora_r' is not a field of IWTrainingArguments" in message
-    message = user_error(script, glue_args(out, "--hpo_trials", "2", "--adapter", "full", "--iw_alpha", "0"))
-    assert "'iw_alpha' is searched but --adapter full" in message
-    message = user_error(script, glue_args(out, "--hpo_trials", "2", "--do_eval", "false"))
-    assert "needs --do_eval" in message
-    assert not out.exists()
-
-
 def test_check_space_normalises_int():
     assert check_space({"seed": {"type": "int", "low": 1, "high": 4}})["seed"] == {
         "type": "int", "low": 1, "high": 4, "step": 1, "log": False,
     }  # fmt: skip
+
+
+def test_best_values_as_flags_and_metric_objective():
+    assert as_flags({"learning_rate": 0.0001, "per_device_train_batch_size": 32}) == (
+        "--learning_rate 0.0001 --per_device_train_batch_size 32"
+    )
+    assert as_flags({}) == ""
+    objective = metric_objective("eval_mse")
+    assert objective({"eval_mse": 0.25, "eval_loss": 1.0}) == 0.25 and objective.__name__ == "objective_eval_mse"
+    with pytest.raises(ValueError, match=r"objective 'eval_mse' is not in the evaluation metrics \['eval_loss'\]"):
+        objective({"eval_loss": 1.0})
+
+
+def test_backends_and_run_search_arguments(tmp_path):
+    assert BACKENDS == ("optuna", "ray") and DIRECTIONS == ("maximize", "minimize")
+    require_backend("optuna")  # installed with the test extra
+    with pytest.raises(ValueError, match=r"hpo backend must be one of \['optuna', 'ray'\], got 'hyperopt'"):
+        require_backend("hyperopt")
+    trainer, models = tiny_trainer(tmp_path)
+    with pytest.raises(ValueError, match="n_trials must be a positive integer, got 0"):
+        run_search(trainer, n_trials=0)
+    with pytest.raises(ValueError, match=r"direction must be one of \['maximize', 'minimize'\], got 'max'"):
+        run_search(trainer, n_trials=1, direction="max")
+    assert len(models) == 1 and not any(tmp_path.iterdir())  # nothing trained, nothing written

@@ -1,4 +1,5 @@
-"""AdaLoRA baseline: the callback really prunes to the target budget; without it nothing is pruned."""
+"""AdaLoRA (iwtrainer.methods.adalora): the callback really prunes to the target budget; without it nothing is pruned
+(and IWTrainer refuses to train); the method through ``build_adapter``."""
 
 import json
 import logging
@@ -10,12 +11,15 @@ from tiny import HEAD, TARGETS, RandomClassification, tiny_args, tiny_base
 from transformers import Trainer, TrainingArguments
 
 from iwtrainer import IWTrainer, IWTrainingArguments
-from iwtrainer.adalora import (
+from iwtrainer.methods import AdapterArguments, build_adapter
+from iwtrainer.methods.adalora import (
     ADALORA_FILE,
+    AdaLoraArguments,
     AdaLoraCallback,
     adalora_config,
     adalora_effective_ranks,
     adalora_nonzero_ranks,
+    adalora_schedule,
 )
 
 STEPS = 30
@@ -71,7 +75,7 @@ def test_callback_prunes_to_the_target_budget(tmp_path, caplog):
         return update(step)
 
     model.base_model.update_and_allocate = spy
-    with caplog.at_level(logging.INFO, logger="iwtrainer.adalora"):
+    with caplog.at_level(logging.INFO, logger="iwtrainer.methods.adalora"):
         run(tmp_path, model, [cb], gradient_accumulation_steps=2, per_device_train_batch_size=4)
     assert calls == list(range(STEPS))  # once per optimizer step (not per micro-batch), with the 0-based step
     assert "total_step, tinit, tfinal) (1000, 100, 200) -> (30, 3, 6)" in caplog.text
@@ -115,3 +119,41 @@ def test_works_in_iwtrainer_with_alpha_zero(tmp_path):
     trainer.train()
     assert sum(adalora_effective_ranks(model).values()) == 4 * N_MATRICES
     assert cb.record["final_budget"] == 4 * N_MATRICES
+
+
+def test_iwtrainer_refuses_adalora_without_its_callback(tmp_path):
+    from peft import get_peft_model
+
+    cfg = adalora_config(TARGETS["bert"], lora_r=2, total_step=10, modules_to_save=HEAD["bert"])
+    model = get_peft_model(tiny_base("bert"), cfg)
+    trainer = IWTrainer(model=model, args=make_args(tmp_path, cls=IWTrainingArguments, max_steps=10, iw_alpha=0.0),
+                        train_dataset=RandomClassification(n=16))  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"AdaLoraModel needs update_and_allocate after each optimizer step: add "
+        r"iwtrainer\.methods\.adalora\.AdaLoraCallback; .*plain LoRA",
+    ):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_method_builds_the_schedule_from_its_flags_and_checks_the_run_length(tmp_path):
+    args = IWTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=40, iw_alpha=0.0)
+    options = AdaLoraArguments(adalora_tinit_frac=0.25, adalora_tfinal_frac=0.25, adalora_delta_t=3)
+    setup = build_adapter(tiny_base("bert"), AdapterArguments(adapter="adalora", lora_r=2), args, options=options)
+    cfg = setup.model.peft_config["default"]
+    assert (cfg.target_r, cfg.init_r, cfg.total_step, cfg.tinit, cfg.tfinal, cfg.deltaT) == (2, 3, 40, 10, 10, 3)
+    assert cfg.orth_reg_weight == 0.5 and set(cfg.modules_to_save) >= {"classifier", "bert.pooler"}
+    assert [type(c) for c in setup.callbacks] == [AdaLoraCallback]
+    assert (setup.callbacks[0].tinit_frac, setup.callbacks[0].tfinal_frac) == (0.25, 0.25)
+    assert len(adalora_effective_ranks(setup.model)) == len(setup.target_names) == 12
+    assert adalora_schedule(40, 0.25, 0.25) == (10, 10)
+    short = IWTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", iw_alpha=0.0,
+                                num_train_epochs=1, per_device_train_batch_size=8)  # fmt: skip
+    for rows in (16, 8):
+        setup = build_adapter(tiny_base("bert"), AdapterArguments(adapter="adalora", lora_r=2), short, options=options)
+        if rows == 16:  # 2 optimizer steps: tinit 0 + tfinal 1 leave one step to prune in
+            setup.prepare_training(RandomClassification(n=rows), None, short)
+            continue
+        with pytest.raises(ValueError, match="too short for its rank schedule: total_step=1"):
+            setup.prepare_training(RandomClassification(n=rows), None, short)  # 8 rows / 8: one optimizer step

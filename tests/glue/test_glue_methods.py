@@ -1,0 +1,156 @@
+"""run_glue_iw.py with every method besides LoRA, end to end: ``--adapter full``, ``wsa``, ``adalora`` and ``gradnorm``
+(``--adapter gradnorm`` and its deprecated spelling ``--rank_allocation gradnorm``, ema and calibration modes), and
+their invalid combinations.
+
+End-to-end runs use the real MiniLM and RTE rows from ``../shared`` (see ``helpers.py``) with a few optimizer steps.
+The methods themselves are tested on tiny models in ``tests/methods/``.
+"""
+
+from __future__ import annotations
+
+import pytest
+from helpers import base_args, needs_shared, read, user_error
+
+from iwtrainer.glue.run import Run, main, prepare, train_and_evaluate
+
+N_MATRICES = 36  # MiniLM-L6: 6 layers × (query, key, value, attention.output.dense, intermediate.dense, output.dense)
+HEAD_PARAMS = 385 * 384 + 385 * 2  # bert.pooler + classifier, trained in full
+
+
+def lora_dims(name: str) -> int:
+    """``d_in + d_out`` of a MiniLM block matrix (hidden 384, intermediate 1536)."""
+    ffn = name.endswith("intermediate.dense") or (name.endswith("output.dense") and ".attention." not in name)
+    return 384 + (1536 if ffn else 384)
+
+
+# ---- end to end ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@needs_shared
+def test_full_fine_tuning(tmp_path):
+    out = tmp_path / "full"
+    main(base_args(out, "rte", "--do_train", "--do_eval", "--adapter", "full", "--max_steps", "2"))
+    results = read(out / "all_results.json")
+    assert results["adapter"] == "full" and results["trainable_params"] > 22_000_000  # every weight
+    assert "eval_accuracy" in results and (out / "model.safetensors").is_file()
+    assert not (out / "iw_importance.json").exists() and not (out / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+@needs_shared
+def test_wsa(tmp_path):
+    out = tmp_path / "wsa"
+    main(base_args(out, "rte", "--do_train", "--do_eval", "--adapter", "wsa", "--max_steps", "2"))
+    ranks = read(out / "wsa_ranks.json")
+    assert len(ranks) == 36 and all(r["r_init"] == 16 and 0 <= r["r_eff"] <= 16 for r in ranks.values())
+    assert (out / "wsa_config.json").is_file() and (out / "wsa_model.safetensors").is_file()
+    results = read(out / "all_results.json")
+    assert results["adapter"] == "wsa" and "eval_accuracy" in results
+    assert not (out / "iw_importance.json").exists()
+
+
+@pytest.mark.slow
+@needs_shared
+def test_adalora(tmp_path):
+    out = tmp_path / "adalora"
+    # 12 steps: tinit = 1, tfinal = 2, a new mask every 2 steps in between, the final budget from step 10 on.
+    flags = ["--adapter", "adalora", "--lora_r", "4", "--max_steps", "12", "--adalora_delta_t", "2"]
+    main(base_args(out, "rte", "--do_train", "--do_eval", *flags))
+    record = read(out / "adalora_ranks.json")
+    assert (record["target_r"], record["init_r"], record["total_step"]) == (4, 6, 12)
+    assert record["final_budget"] == record["target_budget"] == 4 * N_MATRICES
+    assert len(record["final_rank_pattern"]) == N_MATRICES
+    budgets = [h["budget"] for h in record["history"]]
+    assert budgets[0] < 6 * N_MATRICES and budgets[-1] == 4 * N_MATRICES and budgets[0] > budgets[-1]
+    assert all(a >= b for a, b in zip(budgets, budgets[1:]))
+    results = read(out / "all_results.json")
+    assert results["adapter"] == "adalora" and "eval_accuracy" in results
+    assert read(out / "adapter_config.json")["peft_type"] == "ADALORA"
+    assert not (out / "iw_importance.json").exists()  # --iw_alpha defaults to 0 for adalora
+
+
+@pytest.mark.slow
+@needs_shared
+def test_gradnorm_ema_with_iw(tmp_path):
+    out = tmp_path / "ema"
+    # 64 rows / batch 8: the default warm-up is one epoch, 8 optimizer steps, of the 10.
+    flags = ["--adapter", "gradnorm", "--iw_alpha", "1e-4", "--max_steps", "10"]  # the new spelling (see below)
+    main(base_args(out, "rte", "--do_train", *flags))
+    record = read(out / "rank_allocation.json")
+    assert (record["rank_allocation_mode"], record["warmup_steps"], record["budget"]) == ("ema", 8, 8 * N_MATRICES)
+    ranks = {n: m["rank"] for n, m in record["modules"].items()}
+    assert len(ranks) == N_MATRICES and sum(ranks.values()) == 8 * N_MATRICES and len(set(ranks.values())) > 1
+    assert len(read(out / "iw_importance.json")["modules"]) == N_MATRICES
+    assert read(out / "trainer_state.json")["global_step"] == 10
+    config = read(out / "adapter_config.json")
+    assert config["rank_pattern"] == {n: r for n, r in ranks.items() if r > 0}
+
+
+@pytest.mark.slow
+@needs_shared
+def test_gradnorm_calibration_with_iw(tmp_path):
+    out = tmp_path / "calibration"
+    flags = [
+        "--rank_allocation", "gradnorm", "--rank_allocation_mode", "calibration", "--rank_budget", "100",  # deprecated
+        "--rank_min", "1", "--iw_alpha", "1e-4", "--rank_calib_steps", "3",
+    ]  # fmt: skip
+    run = prepare(base_args(out, "rte", "--do_train", *flags))
+    assert isinstance(run, Run) and not out.exists()  # the ranks are allocated in prepare, before any file
+    assert run.setup.method == "gradnorm" and run.setup.state.record is not None
+    train_and_evaluate(run)
+    record = read(out / "rank_allocation.json")
+    assert (record["rank_allocation_mode"], record["budget"], record["rank_calib_steps"]) == ("calibration", 100, 3)
+    assert "iw_calib_steps" not in record  # its own flag: the IW calibration's --iw_calib_steps 2 is not borrowed
+    ranks = {n: m["rank"] for n, m in record["modules"].items()}
+    assert len(ranks) == N_MATRICES and sum(ranks.values()) == 100 and min(ranks.values()) >= 1
+    assert all(m["sensitivity"] > 0 for m in record["modules"].values())
+    assert read(out / "adapter_config.json")["rank_pattern"] == ranks
+    importance = read(out / "iw_importance.json")  # the IW penalty on the allocated ranks
+    assert len(importance["modules"]) == N_MATRICES and importance["settings"]["iw_calib_steps"] == 2
+    results = read(out / "all_results.json")  # training started with the allocated ranks
+    assert results["trainable_params"] == sum(r * lora_dims(n) for n, r in ranks.items()) + HEAD_PARAMS
+
+
+BAD = {
+    "gradnorm with adalora": (
+        ["--adapter", "adalora", "--rank_allocation", "gradnorm"],
+        ["--rank_allocation gradnorm", "needs --adapter lora", "--adapter adalora"],
+    ),
+    "adalora with iw_alpha": (["--adapter", "adalora", "--iw_alpha", "1e-4"], ["--iw_alpha 0.0001", "adalora"]),
+    "adalora run too short": (
+        ["--adapter", "adalora", "--adalora_tinit_frac", "0.4", "--adalora_tfinal_frac", "0.5"],
+        ["too short", "total_step=4", "--max_steps", "--adalora_tinit_frac / --adalora_tfinal_frac"],
+    ),
+    "adalora epochs too short": (
+        ["--adapter", "adalora", "--max_steps", "-1", "--num_train_epochs", "1", "--max_train_samples", "8"],
+        ["too short", "total_step=1", "--num_train_epochs"],
+    ),
+    "warm-up not shorter than the run": (
+        ["--rank_allocation", "gradnorm", "--rank_warmup_steps", "4"],
+        ["--rank_warmup_steps 4 must be < the run's 4 optimizer steps"],
+    ),
+    "default warm-up is the whole run": (
+        ["--rank_allocation", "gradnorm", "--max_steps", "-1", "--num_train_epochs", "1", "--max_train_samples", "8"],
+        ["--rank_warmup_steps (one epoch: 1) must be < the run's 1 optimizer steps"],
+    ),
+    "budget too large": (
+        ["--rank_allocation", "gradnorm", "--rank_budget", "100000"],
+        ["--rank_budget 100000 exceeds", "Σ min(d_in, d_out)"],
+    ),
+    "budget below the minimum ranks": (
+        ["--rank_allocation", "gradnorm", "--rank_allocation_mode", "calibration", "--rank_min", "2",
+         "--rank_budget", "50"],
+        ["--rank_budget 50 is below --rank_min 2 × 36 adapted matrices"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@needs_shared
+@pytest.mark.parametrize("case", list(BAD))
+def test_invalid_combinations_exit_with_one_line(tmp_path, case):
+    flags, expected = BAD[case]
+    out = tmp_path / "out"
+    message = user_error(base_args(out, "rte", "--do_train", *flags))
+    for text in expected:
+        assert text in message, message
+    assert not out.exists()

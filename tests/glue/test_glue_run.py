@@ -1,0 +1,306 @@
+"""run_glue_iw.py end to end (iwtrainer.glue.run): GLUE runs on CPU, outputs, bad input, the script and the console
+command in a subprocess.
+
+The end-to-end tests use the real small encoder and real GLUE rows from ``../shared`` (override with
+``IWTRAINER_SHARED``) with a handful of steps, tiny sequences and a few dozen dev rows. The methods other than LoRA
+are run in ``test_glue_methods.py``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import (
+    GLUE,
+    MODEL,
+    RESULT_FILES,
+    ROOT,
+    SCRIPT,
+    TINY,
+    base_args,
+    needs_shared,
+    read,
+    subprocess_env,
+    user_error,
+)
+
+from iwtrainer.glue.run import Run, main, prepare, train_and_evaluate
+
+needs_command = pytest.mark.skipif(
+    shutil.which("iwtrainer-glue") is None, reason="the console command iwtrainer-glue is not installed"
+)
+
+
+# ---- end to end -----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@needs_shared
+def test_iw_lora_rte_train_eval_predict(tmp_path):
+    out = tmp_path / "iw"
+    main(base_args(out, "rte", "--do_train", "--do_eval", "--do_predict", "--max_predict_samples", "10"))
+    for name in (*RESULT_FILES, "iw_importance.json", "adapter_config.json", "adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+    results = read(out / "all_results.json")
+    assert 0 <= results["eval_accuracy"] <= 1 and results["eval_samples"] == 32
+    assert results["adapter"] == "lora" and results["train_samples"] == 64
+    assert results["trainable_params"] == 6 * (4 * 8 * (384 + 384) + 2 * 8 * (384 + 1536)) + 385 * 384 + 385 * 2
+    assert results["train_ms_per_step"] == pytest.approx(results["train_runtime"] / 4 * 1000, rel=1e-6)
+    assert ("peak_gpu_memory_mb" in results) == __import__("torch").cuda.is_available()
+    assert read(out / "trainer_state.json")["global_step"] == 4
+    importance = read(out / "iw_importance.json")
+    assert len(importance["modules"]) == 36  # 6 layers x 6 linear types, the default targets
+    assert all(".encoder.layer." in name for name in importance["modules"])
+    assert set(read(out / "adapter_config.json")["modules_to_save"]) >= {"classifier", "bert.pooler"}
+    lines = (out / "predict_results_rte.txt").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 11
+    assert {line.split("\t")[1] for line in lines[1:]} <= {"entailment", "not_entailment"}
+
+
+@pytest.mark.slow
+@needs_shared
+@pytest.mark.parametrize(
+    ("task", "flags", "metrics"),
+    [
+        ("cola", ["--do_eval"], {"eval_matthews_correlation"}),
+        ("mrpc", ["--do_eval"], {"eval_accuracy", "eval_f1", "eval_combined_score"}),
+        ("sst2", ["--do_eval"], {"eval_accuracy"}),
+        (
+            "stsb",
+            ["--do_train", "--do_eval", "--do_predict", "--max_steps", "2", "--max_predict_samples", "4"],
+            {"eval_pearson", "eval_spearmanr", "eval_combined_score"},
+        ),
+    ],
+)
+def test_glue_metric_names(tmp_path, task, flags, metrics):
+    out = tmp_path / task
+    main(base_args(out, task, "--iw_alpha", "0", *flags))
+    results = read(out / "eval_results.json")
+    assert metrics <= set(results), results
+    if "eval_combined_score" in metrics:
+        parts = [v for k, v in results.items() if k in metrics and k != "eval_combined_score"]
+        assert results["eval_combined_score"] == pytest.approx(sum(parts) / len(parts))
+    if task == "stsb":
+        lines = (out / "predict_results_stsb.txt").read_text().splitlines()
+        assert len(lines) == 5 and all(0 <= int(line.split("\t")[0]) < 4 for line in lines[1:])
+        [float(line.split("\t")[1]) for line in lines[1:]]  # scores, not class names
+        assert not (out / "iw_importance.json").exists()  # iw_alpha 0: plain LoRA, no calibration
+
+
+def rte_rows(n: int, start: int = 0) -> list[tuple[str, str, str]]:
+    """``n`` real (sentence1, sentence2, label) rows of RTE's training file."""
+    lines = (GLUE / "RTE" / "train.tsv").read_text(encoding="utf-8").splitlines()[1 + start : 1 + start + n]
+    return [tuple(line.split("\t")[1:4]) for line in lines]
+
+
+@pytest.mark.slow
+@needs_shared
+def test_mnli_evaluates_matched_and_mismatched(tmp_path):
+    # MNLI is not available offline: real RTE sentence pairs in MNLI's file layout exercise the two-dev-set path.
+    labels = ("entailment", "neutral", "contradiction")
+    folder = tmp_path / "glue" / "MNLI"
+    folder.mkdir(parents=True)
+    for name, start in (("train.tsv", 0), ("dev_matched.tsv", 100), ("dev_mismatched.tsv", 200)):
+        rows = [f"{i}\t{a}\t{b}\t{labels[i % 3]}" for i, (a, b, _) in enumerate(rte_rows(24, start))]
+        (folder / name).write_text("\n".join(["index\tsentence1\tsentence2\tgold_label", *rows]) + "\n")
+    out = tmp_path / "mnli"
+    argv = base_args(out, "mnli", "--do_train", "--do_eval", "--max_steps", "2", "--max_eval_samples", "20")
+    argv[argv.index("--glue_dir") + 1] = str(tmp_path / "glue")
+    main(argv)
+    results = read(out / "eval_results.json")
+    assert {"eval_accuracy", "eval_accuracy_mm", "eval_loss_mm"} <= set(results)
+    assert results["eval_samples"] == results["eval_samples_mm"] == 20
+    assert read(out / "all_results.json")["eval_accuracy_mm"] == results["eval_accuracy_mm"]
+
+
+@pytest.mark.slow
+@needs_shared
+def test_csv_files_as_run_glue(tmp_path):
+    import csv
+
+    for name, start in (("train.csv", 0), ("dev.csv", 300), ("test.csv", 600)):
+        with open(tmp_path / name, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["sentence1", "sentence2", "label"])
+            writer.writerows(rte_rows(40, start))
+    out = tmp_path / "csv"
+    argv = [
+        "--model_name_or_path", str(MODEL), "--train_file", str(tmp_path / "train.csv"),
+        "--validation_file", str(tmp_path / "dev.csv"), "--test_file", str(tmp_path / "test.csv"),
+        "--output_dir", str(out), *TINY, "--max_steps", "2", "--do_train", "--do_eval", "--do_predict",
+    ]  # fmt: skip
+    main(argv)
+    assert set(read(out / "eval_results.json")) >= {"eval_accuracy", "eval_loss"}
+    lines = (out / "predict_results_None.txt").read_text().splitlines()  # run_glue.py's name without a task
+    assert len(lines) == 41 and {line.split("\t")[1] for line in lines[1:]} <= {"entailment", "not_entailment"}
+
+
+@pytest.mark.slow
+@needs_shared
+def test_yaml_config_with_overrides_in_a_subprocess(tmp_path):
+    out = tmp_path / "yaml"
+    cmd = [
+        sys.executable, str(SCRIPT), "configs/minilm_rte_iwlora.yaml",
+        "--model_name_or_path", str(MODEL), "--glue_dir", str(GLUE), "--output_dir", str(out),
+        *TINY, "--max_steps", "3", "--eval_strategy", "no",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read(out / "trainer_state.json")["global_step"] == 3  # flag beat the file's 3 epochs
+    settings = read(out / "iw_importance.json")["settings"]
+    assert settings["iw_calib_steps"] == 2 and settings["iw_alpha"] == pytest.approx(1e-4)  # file's alpha kept
+    assert read(out / "all_results.json")["eval_samples"] == 32
+
+
+# ---- bad input: one line naming the flag or file, non-zero exit, nothing written ----------------------------------
+def glue_copy(tmp_path: Path, train_lines: list[str]) -> Path:
+    """A GLUE dir whose RTE/train.tsv is ``train_lines`` (dev.tsv is the real one)."""
+    root = tmp_path / "glue"
+    (root / "RTE").mkdir(parents=True)
+    (root / "RTE" / "train.tsv").write_text("\n".join(train_lines) + "\n")
+    (root / "RTE" / "dev.tsv").write_text((GLUE / "RTE" / "dev.tsv").read_text())
+    return root
+
+
+BAD_INPUTS = {
+    "unknown task": (lambda tmp: ["--task_name", "mnli2"], ["--task_name 'mnli2'", "expected one of"]),
+    "glue_dir without the task": (lambda tmp: ["--glue_dir", str(tmp)], ["--glue_dir", "has no folder RTE/"]),
+    "tsv missing a column": (
+        lambda tmp: ["--glue_dir", str(glue_copy(tmp, ["index\tsentence1\tlabel", "0\ta\tentailment"]))],
+        ["train.tsv", "missing required column(s) ['sentence2']"],
+    ),
+    "label outside the task's set": (
+        lambda tmp: ["--glue_dir", str(glue_copy(tmp, ["index\tsentence1\tsentence2\tlabel", "0\ta\tb\tmaybe"]))],
+        ["train.tsv", "label 'maybe'", "expected one of ['entailment', 'not_entailment']"],
+    ),
+    "targets matching nothing": (
+        lambda tmp: ["--lora_target_modules", "q_proj,v_proj"],
+        ["--lora_target_modules ['q_proj', 'v_proj'] matched no", "candidates:", "attention.self.query"],
+    ),
+    "missing model path": (
+        lambda tmp: ["--model_name_or_path", str(tmp / "no_model")],
+        ["--model_name_or_path", "no_model' does not exist"],
+    ),
+    "iw_alpha with full": (
+        lambda tmp: ["--adapter", "full", "--iw_alpha", "1e-4"],
+        ["--iw_alpha 0.0001", "--adapter full"],
+    ),
+    "iw_alpha with wsa": (
+        lambda tmp: ["--adapter", "wsa", "--iw_alpha", "0.01"],
+        ["--iw_alpha 0.01", "--adapter wsa"],
+    ),
+    "predict without a test split": (
+        lambda tmp: ["--glue_dir", str(glue_copy(tmp, ["index\tsentence1\tsentence2\tlabel", "0\ta\tb\tentailment"])),
+                     "--do_predict"],
+        ["--do_predict needs a 'test' split", "--glue_dir"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@needs_shared
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_with_one_line_and_writes_nothing(tmp_path, case):
+    make_args, expected = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    tmp = tmp_path / "in"
+    tmp.mkdir()
+    argv = base_args(out, "rte", "--do_train", "--do_eval") + make_args(tmp)  # later flags win
+    message = user_error(argv)
+    for text in expected:
+        assert text in message, message
+    assert not out.exists()
+
+
+@pytest.mark.slow
+@needs_shared
+def test_bad_input_in_a_subprocess_prints_one_line(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(SCRIPT), *base_args(out, "rte", "--do_train"), "--lora_target_modules", "nope"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("run_glue_iw.py: error: --lora_target_modules ['nope'] matched no")
+    assert not out.exists()
+
+
+# ---- run_glue_iw.py and the console command are the same program ----------------------------------------------------
+def test_script_is_a_wrapper_of_the_package_main():
+    import runpy
+
+    import iwtrainer.glue.run
+
+    namespace = runpy.run_path(str(SCRIPT), run_name="run_glue_iw_wrapper")  # not "__main__": nothing runs
+    assert namespace["main"] is iwtrainer.glue.run.main
+    assert callable(namespace["_mp_fn"])  # xla_spawn's entry point, as run_glue.py
+    assert len(SCRIPT.read_text().splitlines()) < 40  # the program lives in the package, not in the script
+
+
+def test_console_command_is_installed_as_the_glue_main():
+    from importlib.metadata import entry_points
+
+    commands = {e.name: e for e in entry_points(group="console_scripts")}
+    if "iwtrainer-glue" not in commands:
+        pytest.skip("the package is not installed (pip install -e .)")
+    entry = commands["iwtrainer-glue"]
+    assert entry.value == "iwtrainer.glue:main"
+    import iwtrainer.glue
+
+    assert entry.load() is iwtrainer.glue.main
+
+
+@needs_command
+def test_console_command_help_in_a_subprocess():
+    proc = subprocess.run(
+        ["iwtrainer-glue", "--help"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("usage: iwtrainer-glue ")
+    for flag in ("--model_name_or_path", "--task_name", "--glue_dir", "--adapter", "--iw_alpha", "--hpo_trials"):
+        assert flag in proc.stdout, flag
+
+
+@needs_command
+def test_console_command_bad_input_is_one_line(tmp_path):
+    out = tmp_path / "out"
+    cmd = ["iwtrainer-glue", "--model_name_or_path", "m/x", "--task_name", "mnli2", "--output_dir", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert ": error: --task_name 'mnli2'" in lines[0] and "expected one of" in lines[0]
+    assert not out.exists()
+
+
+# ---- prepare, then train_and_evaluate -------------------------------------------------------------------------------
+@pytest.mark.slow
+@needs_shared
+def test_prepare_writes_nothing_and_train_and_evaluate_writes_the_results(tmp_path):
+    out = tmp_path / "two_steps"
+    run = prepare(base_args(out, "rte", "--do_train", "--do_eval", "--max_steps", "2"))
+    assert isinstance(run, Run) and not out.exists()
+    assert run.setup.method == "lora" and len(run.setup.target_names) == 36
+    assert run.setup.head_names == ["classifier", "bert.pooler"]
+    assert [name for name, _ in run.splits["train"]] == ["rte"] and len(run.splits["train"][0][1]) == 64
+    assert len(run.splits["eval"][0][1]) == 32 and run.splits["predict"] == []
+    assert {"input_ids", "attention_mask", "label"} <= set(run.splits["train"][0][1].column_names)
+    train_and_evaluate(run)
+    for name in (*RESULT_FILES, "iw_importance.json", "adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+    results = read(out / "all_results.json")
+    assert results["adapter"] == "lora" and results["train_samples"] == 64 and results["eval_samples"] == 32
+    assert results["trainable_params"] == run.setup.model.num_parameters(only_trainable=True)
+    assert read(out / "trainer_state.json")["global_step"] == 2
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["iwtrainer.glue", "iwtrainer.glue.arguments", "iwtrainer.glue.run", "iwtrainer.glue.search",
+     "iwtrainer.glue.data", "iwtrainer.glue.tsv", "iwtrainer.search"],
+)  # fmt: skip
+def test_each_module_imports_first(module):
+    """No import cycle: every module of the GLUE application can be the first one imported."""
+    subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, check=True)

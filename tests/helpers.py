@@ -1,0 +1,95 @@
+"""Plain constants and functions shared by the tests (fixtures live in ``conftest.py``).
+
+The end-to-end tests use the real small encoder and real GLUE rows from ``../shared`` (override with
+``IWTRAINER_SHARED``) with a handful of steps, tiny sequences and a few dozen dev rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "run_glue_iw.py"
+SHARED = Path(os.environ.get("IWTRAINER_SHARED") or ROOT.parent / "shared")
+MODEL = SHARED / "models" / "all-MiniLM-L6-v2"
+GLUE = SHARED / "data" / "glue"
+GLUE_DIR = Path(os.environ.get("IWTRAINER_GLUE_DIR") or GLUE)
+"""The real GLUE TSV folder for the loader's tests (``IWTRAINER_GLUE_DIR`` overrides it alone)."""
+HAVE_SHARED = MODEL.is_dir() and GLUE.is_dir()
+needs_shared = pytest.mark.skipif(
+    not HAVE_SHARED, reason=f"real model/GLUE data not found under {SHARED} (set IWTRAINER_SHARED)"
+)
+needs_glue = pytest.mark.skipif(
+    not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR} (set IWTRAINER_GLUE_DIR)"
+)
+e2e = [pytest.mark.slow, needs_shared]
+"""The marks of an end-to-end test: ``pytestmark = e2e`` or ``@pytest.mark.slow`` + ``@needs_shared``."""
+
+# Data-row counts from shared/data/glue/SOURCES.md (headers excluded); QNLI has no train.tsv locally.
+EXPECTED_ROWS = {
+    "cola": {"train": 8551, "validation": 1043, "test": 1063},
+    "sst2": {"train": 67349, "validation": 872, "test": 1821},
+    "mrpc": {"train": 3668, "validation": 408, "test": 1725},
+    "rte": {"train": 2490, "validation": 277, "test": 3000},
+    "stsb": {"train": 5749, "validation": 1500, "test": 1379},
+    "qnli": {"validation": 5463, "test": 5463},
+    "wnli": {"train": 635, "validation": 71, "test": 146},
+}
+
+
+# A few optimizer steps on tiny sequences: enough to run every code path, seconds on a CPU.
+TINY = [
+    "--max_train_samples", "64", "--max_steps", "4", "--per_device_train_batch_size", "8",
+    "--per_device_eval_batch_size", "16", "--iw_calib_steps", "2", "--max_seq_length", "32",
+    "--max_eval_samples", "32", "--save_strategy", "no", "--disable_tqdm", "true", "--dataloader_pin_memory", "false",
+]  # fmt: skip
+RESULT_FILES = ("all_results.json", "train_results.json", "eval_results.json", "trainer_state.json")
+
+
+def base_args(out: Path, task: str = "rte", *extra: str) -> list[str]:
+    """run_glue_iw.py's flags for a tiny run of ``task`` on the real encoder and GLUE rows."""
+    return [
+        "--model_name_or_path", str(MODEL), "--glue_dir", str(GLUE), "--task_name", task,
+        "--output_dir", str(out), *TINY, *extra,
+    ]  # fmt: skip
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def user_error(argv: list[str]) -> str:
+    """Run ``iwtrainer.glue.run.main`` expecting a user error; return its one-line message."""
+    from iwtrainer.glue.run import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    message = info.value.code
+    assert isinstance(message, str), f"expected an error message, got exit code {message!r}"
+    assert message.startswith("run_glue_iw.py: error: ")
+    assert "\n" not in message
+    return message
+
+
+def subprocess_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "GLUE_DIR"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def common_flags(out) -> list[str]:
+    """The flags ``parse_args`` requires, with a model path that is never loaded."""
+    return ["--model_name_or_path", "m/x", "--task_name", "rte", "--output_dir", str(out)]
+
+
+def in_space(params: dict) -> bool:
+    """Whether a trial's values lie in ``iwtrainer.search.DEFAULT_SPACE`` (configs/hpo_space.yaml)."""
+    return (
+        1e-5 <= params["learning_rate"] <= 5e-4
+        and params["per_device_train_batch_size"] in (16, 32, 64)
+        and 1e-5 <= params["iw_alpha"] <= 1e-3
+    )
