@@ -83,6 +83,7 @@ class IWTrainer(Trainer):
         # "autograd": the penalty joins the loss graph (used where .grad is not a plain tensor, e.g. DeepSpeed).
         self.penalty_backend = "autograd" if self.is_deepspeed_enabled else "grad"
         self._iw_logs: dict[str, torch.Tensor] = {}
+        self._iw_coefficients_logged = False
         self._iw_last_logged_step = 0
         if model is not None and self.args.iw_alpha > 0:
             self._check_supported()
@@ -161,6 +162,7 @@ class IWTrainer(Trainer):
         if self.iw_active:
             self._check_supported()
         self._iw_logs = {}
+        self._iw_coefficients_logged = False
         self._iw_last_logged_step = None  # set at the run's first step (a resumed run starts past 0)
         self._iw_injected_at = -1
         # The penalty is cached under id()s of the record and the model, which a new run (a search trial) may
@@ -267,6 +269,11 @@ class IWTrainer(Trainer):
                 logs[key] = acc.item() / steps
             self._iw_logs = {}
             self._iw_last_logged_step = self.state.global_step
+        if "loss" in logs and not self._iw_coefficients_logged and self.iw_active and self.iw_callback.record:
+            # Once per run, with the first training log: every report_to integration gets the per-matrix
+            # coefficients (1 − w_k)^β beside loss_task and iw_penalty.
+            logs.update({f"iw_coefficient/{name}": c for name, c in self.iw_callback.coefficients.items()})
+            self._iw_coefficients_logged = True
         super().log(logs, start_time)
 
     # -- checkpoints --------------------------------------------------------------------------------------
