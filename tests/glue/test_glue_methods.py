@@ -9,7 +9,7 @@ The methods themselves are tested on tiny models in ``tests/methods/``.
 from __future__ import annotations
 
 import pytest
-from helpers import base_args, needs_shared, read, user_error
+from helpers import base_args, needs_shared, read
 
 from iwtrainer.glue.run import Run, main, prepare, train_and_evaluate
 
@@ -108,49 +108,3 @@ def test_gradnorm_calibration_with_iw(tmp_path):
     assert len(importance["modules"]) == N_MATRICES and importance["settings"]["iw_calib_steps"] == 2
     results = read(out / "all_results.json")  # training started with the allocated ranks
     assert results["trainable_params"] == sum(r * lora_dims(n) for n, r in ranks.items()) + HEAD_PARAMS
-
-
-BAD = {
-    "gradnorm with adalora": (
-        ["--adapter", "adalora", "--rank_allocation", "gradnorm"],
-        ["--rank_allocation gradnorm", "needs --adapter lora", "--adapter adalora"],
-    ),
-    "adalora with iw_alpha": (["--adapter", "adalora", "--iw_alpha", "1e-4"], ["--iw_alpha 0.0001", "adalora"]),
-    "adalora run too short": (
-        ["--adapter", "adalora", "--adalora_tinit_frac", "0.4", "--adalora_tfinal_frac", "0.5"],
-        ["too short", "total_step=4", "--max_steps", "--adalora_tinit_frac / --adalora_tfinal_frac"],
-    ),
-    "adalora epochs too short": (
-        ["--adapter", "adalora", "--max_steps", "-1", "--num_train_epochs", "1", "--max_train_samples", "8"],
-        ["too short", "total_step=1", "--num_train_epochs"],
-    ),
-    "warm-up not shorter than the run": (
-        ["--rank_allocation", "gradnorm", "--rank_warmup_steps", "4"],
-        ["--rank_warmup_steps 4 must be < the run's 4 optimizer steps"],
-    ),
-    "default warm-up is the whole run": (
-        ["--rank_allocation", "gradnorm", "--max_steps", "-1", "--num_train_epochs", "1", "--max_train_samples", "8"],
-        ["--rank_warmup_steps (one epoch: 1) must be < the run's 1 optimizer steps"],
-    ),
-    "budget too large": (
-        ["--rank_allocation", "gradnorm", "--rank_budget", "100000"],
-        ["--rank_budget 100000 exceeds", "Σ min(d_in, d_out)"],
-    ),
-    "budget below the minimum ranks": (
-        ["--rank_allocation", "gradnorm", "--rank_allocation_mode", "calibration", "--rank_min", "2",
-         "--rank_budget", "50"],
-        ["--rank_budget 50 is below --rank_min 2 × 36 adapted matrices"],
-    ),
-}  # fmt: skip
-
-
-@pytest.mark.slow
-@needs_shared
-@pytest.mark.parametrize("case", list(BAD))
-def test_invalid_combinations_exit_with_one_line(tmp_path, case):
-    flags, expected = BAD[case]
-    out = tmp_path / "out"
-    message = user_error(base_args(out, "rte", "--do_train", *flags))
-    for text in expected:
-        assert text in message, message
-    assert not out.exists()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from helpers import (
@@ -25,7 +24,6 @@ from helpers import (
     needs_shared,
     read,
     subprocess_env,
-    user_error,
 )
 
 from iwtrainer.glue.run import Run, main, prepare, train_and_evaluate
@@ -152,79 +150,6 @@ def test_yaml_config_with_overrides_in_a_subprocess(tmp_path):
     settings = read(out / "iw_importance.json")["settings"]
     assert settings["iw_calib_steps"] == 2 and settings["iw_alpha"] == pytest.approx(1e-4)  # file's alpha kept
     assert read(out / "all_results.json")["eval_samples"] == 32
-
-
-# ---- bad input: one line naming the flag or file, non-zero exit, nothing written ----------------------------------
-def glue_copy(tmp_path: Path, train_lines: list[str]) -> Path:
-    """A GLUE dir whose RTE/train.tsv is ``train_lines`` (dev.tsv is the real one)."""
-    root = tmp_path / "glue"
-    (root / "RTE").mkdir(parents=True)
-    (root / "RTE" / "train.tsv").write_text("\n".join(train_lines) + "\n")
-    (root / "RTE" / "dev.tsv").write_text((GLUE / "RTE" / "dev.tsv").read_text())
-    return root
-
-
-BAD_INPUTS = {
-    "unknown task": (lambda tmp: ["--task_name", "mnli2"], ["--task_name 'mnli2'", "expected one of"]),
-    "glue_dir without the task": (lambda tmp: ["--glue_dir", str(tmp)], ["--glue_dir", "has no folder RTE/"]),
-    "tsv missing a column": (
-        lambda tmp: ["--glue_dir", str(glue_copy(tmp, ["index\tsentence1\tlabel", "0\ta\tentailment"]))],
-        ["train.tsv", "missing required column(s) ['sentence2']"],
-    ),
-    "label outside the task's set": (
-        lambda tmp: ["--glue_dir", str(glue_copy(tmp, ["index\tsentence1\tsentence2\tlabel", "0\ta\tb\tmaybe"]))],
-        ["train.tsv", "label 'maybe'", "expected one of ['entailment', 'not_entailment']"],
-    ),
-    "targets matching nothing": (
-        lambda tmp: ["--lora_target_modules", "q_proj,v_proj"],
-        ["--lora_target_modules ['q_proj', 'v_proj'] matched no", "candidates:", "attention.self.query"],
-    ),
-    "missing model path": (
-        lambda tmp: ["--model_name_or_path", str(tmp / "no_model")],
-        ["--model_name_or_path", "no_model' does not exist"],
-    ),
-    "iw_alpha with full": (
-        lambda tmp: ["--adapter", "full", "--iw_alpha", "1e-4"],
-        ["--iw_alpha 0.0001", "--adapter full"],
-    ),
-    "iw_alpha with wsa": (
-        lambda tmp: ["--adapter", "wsa", "--iw_alpha", "0.01"],
-        ["--iw_alpha 0.01", "--adapter wsa"],
-    ),
-    "predict without a test split": (
-        lambda tmp: ["--glue_dir", str(glue_copy(tmp, ["index\tsentence1\tsentence2\tlabel", "0\ta\tb\tentailment"])),
-                     "--do_predict"],
-        ["--do_predict needs a 'test' split", "--glue_dir"],
-    ),
-}  # fmt: skip
-
-
-@pytest.mark.slow
-@needs_shared
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_exits_with_one_line_and_writes_nothing(tmp_path, case):
-    make_args, expected = BAD_INPUTS[case]
-    out = tmp_path / "out"
-    tmp = tmp_path / "in"
-    tmp.mkdir()
-    argv = base_args(out, "rte", "--do_train", "--do_eval") + make_args(tmp)  # later flags win
-    message = user_error(argv)
-    for text in expected:
-        assert text in message, message
-    assert not out.exists()
-
-
-@pytest.mark.slow
-@needs_shared
-def test_bad_input_in_a_subprocess_prints_one_line(tmp_path):
-    out = tmp_path / "out"
-    cmd = [sys.executable, str(SCRIPT), *base_args(out, "rte", "--do_train"), "--lora_target_modules", "nope"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0].startswith("run_glue_iw.py: error: --lora_target_modules ['nope'] matched no")
-    assert not out.exists()
 
 
 # ---- run_glue_iw.py and the console command are the same program ----------------------------------------------------
