@@ -3,18 +3,11 @@
 # (dev_cells of benchmarks/results/glue_mpnet_tuning.json) × seeds, trained on the full train.tsv of .gpu/glue (a copy
 # of ../shared/data/glue's RTE/MRPC/STS-B/CoLA train.tsv + dev.tsv) and scored on the GLUE dev set. Resumable.
 #   bash benchmarks/mpnet_dev.sh [DEADLINE_S] [SEEDS] [GPUS] [PARALLEL]     (defaults 520, 1,2,3, 0,1, 12)
-set -o pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-OUT=${OUT:-/tmp/work/out}
-MODEL=/tmp/models/all-mpnet-base-v2
-mkdir -p /tmp/work "$OUT"
-[ -f "$MODEL/config.json" ] || { echo "no $MODEL: stage the model first"; exit 3; }
+. "$(dirname "$0")/mpnet_env.sh"
 if [ ! -s /tmp/work/dev.jsonl ] && [ -s benchmarks/results/glue_mpnet_dev.jsonl ]; then
   cp benchmarks/results/glue_mpnet_dev.jsonl /tmp/work/dev.jsonl
 fi
 CELLS=$(python3 -c 'import json; print(",".join(json.load(open("benchmarks/results/glue_mpnet_tuning.json"))["dev_cells"]))')
-nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv -l 30 >"$OUT/smi.csv" 2>&1 &
-SMI=$!
 # First wall-time estimates: the tuning runs (85 % of the rows) × 1.2.
 python3 benchmarks/glue_table.py --cells "$CELLS" --seeds "${2:-1,2,3}" --model "$MODEL" --glue_dir .gpu/glue \
   --code_dir .gpu/code --gpus "${3:-0,1}" --parallel "${4:-12}" --deadline_s "${1:-520}" \

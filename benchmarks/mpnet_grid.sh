@@ -5,19 +5,12 @@
 # lr, AdaLoRA's paper recipe, full fine-tuning and the WSA sweep) × seeds, trained on .gpu/glue's full train.tsv and
 # scored on the GLUE dev set, with this checkout's code. Resumable; stops by itself at the deadline.
 #   bash benchmarks/mpnet_grid.sh [DEADLINE_S] [SEEDS] [GPUS] [PARALLEL] [TASKS]   (520, 1,2,3,4,5, 0,1, 12, all)
-set -o pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-OUT=${OUT:-/tmp/work/out}
-MODEL=/tmp/models/all-mpnet-base-v2
-mkdir -p /tmp/work "$OUT"
-[ -f "$MODEL/config.json" ] || { echo "no $MODEL: stage the model first"; exit 3; }
+. "$(dirname "$0")/mpnet_env.sh"
 if [ ! -s /tmp/work/grid.jsonl ]; then  # start from the committed runs (same cells are skipped)
   cat benchmarks/results/glue_mpnet_dev.jsonl benchmarks/results/glue_mpnet_grid.jsonl 2>/dev/null >/tmp/work/grid.jsonl
 fi
 CELLS=$(python3 benchmarks/glue_table.py --grid_cells benchmarks/results/glue_mpnet_tuning.json)
 if [ -n "${5:-}" ]; then CELLS=$(echo "$CELLS" | tr ',' '\n' | grep -E "^(${5//,/|})/" | paste -sd,); fi
-nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv -l 30 >"$OUT/smi.csv" 2>&1 &
-SMI=$!
 python3 benchmarks/glue_table.py --cells "$CELLS" --seeds "${2:-1,2,3,4,5}" --model "$MODEL" --glue_dir .gpu/glue \
   --gpus "${3:-0,1}" --parallel "${4:-12}" --deadline_s "${1:-520}" \
   --est_results benchmarks/results/glue_mpnet_dev.jsonl --est_scale 1.3 \

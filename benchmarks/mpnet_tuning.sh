@@ -5,17 +5,10 @@
 # .gpu/tune_glue (benchmarks/tuning_split.py) and datasets/evaluate on PYTHONPATH. Results accumulate in
 # /tmp/work/tuning.jsonl (seeded from benchmarks/results/glue_mpnet_tuning.jsonl on a fresh machine) and are copied
 # to $OUT with the log and an nvidia-smi trace.
-set -o pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-OUT=${OUT:-/tmp/work/out}
-MODEL=/tmp/models/all-mpnet-base-v2
-mkdir -p /tmp/work "$OUT"
-[ -f "$MODEL/config.json" ] || { echo "no $MODEL: stage the model first"; exit 3; }
+. "$(dirname "$0")/mpnet_env.sh"
 if [ ! -s /tmp/work/tuning.jsonl ] && [ -s benchmarks/results/glue_mpnet_tuning.jsonl ]; then
   cp benchmarks/results/glue_mpnet_tuning.jsonl /tmp/work/tuning.jsonl
 fi
-nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv -l 30 >"$OUT/smi.csv" 2>&1 &
-SMI=$!
 python3 benchmarks/glue_table.py --tune --model "$MODEL" --glue_dir .gpu/tune_glue --code_dir .gpu/code \
   --tasks rte,mrpc,stsb,cola --gpus "${2:-0,1}" --parallel "${3:-12}" --deadline_s "${1:-520}" \
   --results /tmp/work/tuning.jsonl --runs_dir /tmp/work/runs 2>&1 | tee "$OUT/log"

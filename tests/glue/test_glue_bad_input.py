@@ -16,6 +16,14 @@ from helpers import GLUE, ROOT, SCRIPT, base_args, common_flags, needs_shared, s
 from iwtrainer.glue.run import main
 
 
+def assert_refused(argv: list[str], expected: list[str], out: Path) -> None:
+    """``main(argv)`` stops with one line holding every ``expected`` text, and ``out`` was never created."""
+    message = user_error(argv)
+    for text in expected:
+        assert text in message, message
+    assert not out.exists()
+
+
 def expect_exit(argv: list[str], capsys) -> tuple[int, str]:
     """Run main(argv) expecting it to stop; return (exit status, the one error line)."""
     with pytest.raises(SystemExit) as info:
@@ -82,6 +90,17 @@ def glue_copy(tmp_path: Path, train_lines: list[str]) -> Path:
     return root
 
 
+def csv_file(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return path
+
+
+def custom_files(tmp: Path, train_lines: list[str]) -> list[str]:
+    """--train_file/--validation_file flags for a CSV task (the GLUE task flags are dropped)."""
+    dev = csv_file(tmp / "dev.csv", ["sentence,label", "ok,1"])
+    return ["--train_file", str(csv_file(tmp / "train.csv", train_lines)), "--validation_file", str(dev)]
+
+
 BAD_INPUTS = {
     "unknown task": (lambda tmp: ["--task_name", "mnli2"], ["--task_name 'mnli2'", "expected one of"]),
     "glue_dir without the task": (lambda tmp: ["--glue_dir", str(tmp)], ["--glue_dir", "has no folder RTE/"]),
@@ -109,6 +128,14 @@ BAD_INPUTS = {
         lambda tmp: ["--adapter", "wsa", "--iw_alpha", "0.01"],
         ["--iw_alpha 0.01", "--adapter wsa"],
     ),
+    "train TSV with only a header": (
+        lambda tmp: ["--glue_dir", str(glue_copy(tmp, ["index\tsentence1\tsentence2\tlabel"]))],
+        ["--do_train", "the 'train' split", "has no rows"],
+    ),
+    "empty CSV train file": (lambda tmp: custom_files(tmp, []), ["--train_file", "train.csv' is empty", "header row"]),
+    "CSV train file with only a header": (
+        lambda tmp: custom_files(tmp, ["sentence,label"]), ["--train_file", "has a header but no rows"],
+    ),
     "predict without a test split": (
         lambda tmp: ["--glue_dir", str(glue_copy(tmp, ["index\tsentence1\tsentence2\tlabel", "0\ta\tb\tentailment"])),
                      "--do_predict"],
@@ -125,11 +152,13 @@ def test_bad_input_exits_with_one_line_and_writes_nothing(tmp_path, case):
     out = tmp_path / "out"
     tmp = tmp_path / "in"
     tmp.mkdir()
-    argv = base_args(out, "rte", "--do_train", "--do_eval") + make_args(tmp)  # later flags win
-    message = user_error(argv)
-    for text in expected:
-        assert text in message, message
-    assert not out.exists()
+    extra = make_args(tmp)
+    argv = base_args(out, "rte", "--do_train", "--do_eval")
+    if "--train_file" in extra:  # a custom-file task: no GLUE task, no GLUE dir
+        for flag in ("--task_name", "--glue_dir"):
+            i = argv.index(flag)
+            del argv[i : i + 2]
+    assert_refused([*argv, *extra], expected, out)  # later flags win
 
 
 @pytest.mark.slow
@@ -185,53 +214,7 @@ BAD = {
 def test_invalid_combinations_exit_with_one_line(tmp_path, case):
     flags, expected = BAD[case]
     out = tmp_path / "out"
-    message = user_error(base_args(out, "rte", "--do_train", *flags))
-    for text in expected:
-        assert text in message, message
-    assert not out.exists()
-
-
-def csv_file(path: Path, lines: list[str]) -> Path:
-    path.write_text("".join(f"{line}\n" for line in lines))
-    return path
-
-
-def custom_files(tmp: Path, train_lines: list[str]) -> list[str]:
-    """--train_file/--validation_file flags for a CSV task (the GLUE task flags are dropped)."""
-    dev = csv_file(tmp / "dev.csv", ["sentence,label", "ok,1"])
-    return ["--train_file", str(csv_file(tmp / "train.csv", train_lines)), "--validation_file", str(dev)]
-
-
-FILE_CASES = {
-    "train TSV with only a header": (
-        lambda tmp: ["--glue_dir", str(glue_copy(tmp, ["index\tsentence1\tsentence2\tlabel"]))],
-        ["--do_train", "the 'train' split", "has no rows"],
-    ),
-    "empty CSV train file": (lambda tmp: custom_files(tmp, []), ["--train_file", "train.csv' is empty", "header row"]),
-    "CSV train file with only a header": (
-        lambda tmp: custom_files(tmp, ["sentence,label"]), ["--train_file", "has a header but no rows"],
-    ),
-}  # fmt: skip
-
-
-@pytest.mark.slow
-@needs_shared
-@pytest.mark.parametrize("case", list(FILE_CASES))
-def test_bad_files_exit_with_one_line(tmp_path, case):
-    make_args, expected = FILE_CASES[case]
-    out = tmp_path / "out"
-    tmp = tmp_path / "in"
-    tmp.mkdir()
-    extra = make_args(tmp)
-    argv = base_args(out, "rte", "--do_train", "--do_eval")
-    if "--train_file" in extra:  # a custom-file task: no GLUE task, no GLUE dir
-        for flag in ("--task_name", "--glue_dir"):
-            i = argv.index(flag)
-            del argv[i : i + 2]
-    message = user_error([*argv, *extra])
-    for text in expected:
-        assert text in message, message
-    assert not out.exists()
+    assert_refused(base_args(out, "rte", "--do_train", *flags), expected, out)
 
 
 @pytest.mark.slow
