@@ -44,6 +44,14 @@ from .search import check_search, run_glue_search, search_space
 
 logger = logging.getLogger(__name__)
 PROG = "run_glue_iw.py"
+COMMAND = "iwtrainer-glue"
+
+
+def prog() -> str:
+    """The program's name in its one-line errors: the console command's when it runs as one, else the script's."""
+    return COMMAND if os.path.basename(sys.argv[0]) == COMMAND else PROG
+
+
 MERGED_DIR = "merged"
 
 
@@ -251,11 +259,11 @@ def main(argv: list[str] | None = None) -> None:
             check_search(run, hpo_args, space)
     except (*USER_ERRORS, BackendNotInstalled) as exc:
         logger.debug("setup failed", exc_info=True)  # the traceback, for --log_level debug
-        sys.exit(f"{PROG}: error: {one_line(exc)}")
+        sys.exit(f"{prog()}: error: {one_line(exc)}")
     try:
         if space is not None:
             run_glue_search(run, hpo_args, space)
         else:
             train_and_evaluate(run)
     except TrainingDiverged as exc:
-        sys.exit(f"{PROG}: error: {one_line(exc)}")
+        sys.exit(f"{prog()}: error: {one_line(exc)}")

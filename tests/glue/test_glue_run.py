@@ -196,7 +196,7 @@ def test_console_command_bad_input_is_one_line(tmp_path):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert ": error: --task_name 'mnli2'" in lines[0] and "expected one of" in lines[0]
+    assert lines[0].startswith("iwtrainer-glue: error: --task_name 'mnli2'") and "expected one of" in lines[0]
     assert not out.exists()
 
 
