@@ -18,9 +18,10 @@ LoRA-family flags shared by every adapter are :class:`AdapterArguments`. A new m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -231,3 +232,33 @@ def estimate_train_steps(num_examples: int, training_args: IWTrainingArguments) 
     if training_args.max_steps > 0:
         return training_args.max_steps
     return math.ceil(training_args.num_train_epochs * optimizer_steps_per_epoch(num_examples, training_args))
+
+
+# -- measuring on the training data before the Trainer exists (gradnorm calibration, EVA) --------------------------
+def shuffled_training_batches(
+    dataset: Any, collator: Callable, args: IWTrainingArguments, drop_last: bool = False
+) -> torch.utils.data.DataLoader:
+    """The training rows in shuffled batches of the training batch size, seeded by ``--data_seed`` (else
+    ``--seed``), so a measurement before training is reproducible."""
+    from torch.utils.data import DataLoader
+
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    return DataLoader(
+        dataset,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=collator,
+        drop_last=drop_last,
+    )
+
+
+@contextlib.contextmanager
+def on_training_device(model: nn.Module, args: IWTrainingArguments) -> Iterator[nn.Module]:
+    """``model`` on ``args.device`` inside the block, back where it was afterwards (the Trainer moves it later)."""
+    home = next(model.parameters()).device
+    model.to(args.device)
+    try:
+        yield model
+    finally:
+        model.to(home)

@@ -16,12 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..targets import mark_layout_changed
 from ..training_args import IWTrainingArguments
-from .base import Method, MethodContext, MethodSetup
+from .base import Method, MethodContext, MethodSetup, on_training_device, shuffled_training_batches
 from .lora import lora_config
 
 
@@ -58,25 +57,14 @@ class EvaMethod(Method):
 
     def prepare(self, setup: MethodSetup, train_dataset: Any, collator: Callable, args: IWTrainingArguments) -> None:
         from peft import initialize_lora_eva_weights
-        from torch.utils.data import DataLoader
 
-        seed = args.data_seed if args.data_seed is not None else args.seed
         columns = getattr(train_dataset, "column_names", None)
         if columns is not None:  # inputs only: a [batch] label vector is no token mask
             keep = {"input_ids", "attention_mask", "token_type_ids"}
             train_dataset = train_dataset.remove_columns([c for c in columns if c not in keep])
-        loader = DataLoader(
-            train_dataset,
-            batch_size=args.per_device_train_batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
-            collate_fn=lambda rows: dict(collator(rows)),  # peft wants a plain dict, not a BatchEncoding
-        )
+        # peft wants each batch as a plain dict, not a BatchEncoding
+        loader = shuffled_training_batches(train_dataset, lambda rows: dict(collator(rows)), args)
         model = setup.model
-        home = next(model.parameters()).device
-        model.to(args.device)
-        try:
+        with on_training_device(model, args):
             initialize_lora_eva_weights(model, loader, show_progress_bar=not args.disable_tqdm)
-        finally:
-            model.to(home)
         mark_layout_changed(model)

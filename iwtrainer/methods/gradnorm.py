@@ -55,7 +55,9 @@ from .base import (
     MethodSetup,
     estimate_train_steps,
     has_length,
+    on_training_device,
     optimizer_steps_per_epoch,
+    shuffled_training_batches,
     world_size,
 )
 
@@ -584,21 +586,11 @@ class RankCalibration:
     record: dict[str, Any] | None = None
 
     def run(self, model: nn.Module, dataset: Any, collator: Callable, training_args: IWTrainingArguments) -> None:
-        from torch.utils.data import DataLoader
-
-        seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
-        loader = DataLoader(
-            _model_input_columns(dataset, model),
-            batch_size=training_args.per_device_train_batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
-            collate_fn=collator,
-            drop_last=training_args.dataloader_drop_last,
+        loader = shuffled_training_batches(
+            _model_input_columns(dataset, model), collator, training_args, training_args.dataloader_drop_last
         )
-        home = next(model.parameters()).device
         autocast = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
-        model.to(training_args.device)
-        try:
+        with on_training_device(model, training_args):
             sensitivities = compute_sensitivities(
                 model,
                 loader,
@@ -607,8 +599,6 @@ class RankCalibration:
                 autocast_dtype=autocast,
                 show_progress=not training_args.disable_tqdm,
             )
-        finally:
-            model.to(home)
         ranks = allocate_ranks(sensitivities, self.budget, self.min_rank, self.caps)
         info = rebuild_lora_ranks(model, ranks)
         total = sum(sensitivities.values()) or 1.0
