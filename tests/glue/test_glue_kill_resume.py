@@ -34,7 +34,10 @@ WEIGHTS = ("adapter_model.safetensors", "wsa_model.safetensors", "model.safetens
 
 def run(args: list[str], kill_at: int | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(KILLER), str(kill_at), *args] if kill_at else [sys.executable, str(SCRIPT), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=900)
+    # Bitwise equality across processes needs one summation order in every matrix product: MKL may otherwise run a
+    # product on fewer threads when the machine is busy (a full fine-tuning case once failed so in CI, rarely).
+    env = {**subprocess_env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_DYNAMIC": "FALSE"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
