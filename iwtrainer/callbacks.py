@@ -53,14 +53,19 @@ class SensitivityCallback(TrainerCallback):
         self.record: dict[str, Any] | None = None
         self.resume_dir: str | None = None
         self.output_dir: str | None = None  # the run folder; None: args.output_dir
+        self.iw: IWSettings | None = None  # an IWMixin trainer's iw=IWSettings(...): used instead of args' fields
 
     def run_dir(self, args: TrainingArguments) -> str:
         """The folder of this run: ``self.output_dir``, or ``args.output_dir`` when unset."""
         return self.output_dir if self.output_dir is not None else args.output_dir
 
     def settings(self, args: TrainingArguments) -> IWSettings:
-        """``args``' IW fields (``IWSettings`` defaults where ``args`` has none), with this callback's own values."""
-        return IWSettings.from_args(args, beta=self.beta, calib_steps=self.calib_steps, normalize=self.normalize)
+        """``self.iw`` or ``args``' IW fields (``IWSettings`` defaults where ``args`` has none), with this callback's
+        own values."""
+        mine = {"beta": self.beta, "calib_steps": self.calib_steps, "normalize": self.normalize}
+        if self.iw is not None:
+            return self.iw.replace(**{k: v for k, v in mine.items() if v is not None})
+        return IWSettings.from_args(args, **mine)
 
     @property
     def coefficients(self) -> dict[str, float]:
@@ -79,9 +84,9 @@ class SensitivityCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         self.record = None
-        if getattr(args, "iw_alpha", None) == 0:
-            return  # plain LoRA: nothing to measure
         settings = self.settings(args)  # validated
+        if not settings.active:
+            return  # plain LoRA: nothing to measure
         if model is None or train_dataloader is None:
             raise RuntimeError("SensitivityCallback needs the Trainer's model and train_dataloader at on_train_begin")
         if state.global_step > 0:
@@ -93,7 +98,7 @@ class SensitivityCallback(TrainerCallback):
         else:
             sensitivities = self._measure(args, settings, model, train_dataloader)
         recorded = settings.as_args()
-        if not hasattr(args, "iw_alpha"):  # a plain Trainer's args: alpha and penalty live with the user's penalty
+        if self.iw is None and not hasattr(args, "iw_alpha"):  # a plain Trainer: alpha and penalty are the user's
             recorded.update(iw_alpha=None, iw_penalty=None)
         self.record = importance_record(sensitivities, settings.normalize, settings.beta, recorded)
         # Its cost, for users and benchmarks (sensitivities are floats read back from the device: already synced),
@@ -129,15 +134,18 @@ class SensitivityCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         """``iw_importance.png``: the weights and coefficients beside each matrix's final ``‖Δ_k‖_F``."""
-        if self.record is None or model is None or not state.is_world_process_zero:
+        if self.record is None or model is None:
             return
         from .plot import PLOT_FILE, delta_norms_from_model, plot_panels
 
+        norms = delta_norms_from_model(model)  # on every rank: under FSDP2 it gathers the factors (a collective)
+        if not state.is_world_process_zero:
+            return
         modules = self.record["modules"]
         panels = {
             "importance weight w_k": {n: m["weight"] for n, m in modules.items()},
             "coefficient (1-w_k)^beta": {n: m["coefficient"] for n, m in modules.items()},
-            "final ||Delta_k||_F": delta_norms_from_model(model),
+            "final ||Delta_k||_F": norms,
         }
         plot_panels(panels, os.path.join(self.run_dir(args), PLOT_FILE), os.path.basename(self.run_dir(args)))
 

@@ -53,6 +53,8 @@ class DivergenceGuard(TrainerCallback):
     def track(self, term: str, value: torch.Tensor) -> None:
         """Remember the current step for ``term`` if ``value`` is not finite and no earlier step was recorded."""
         value = value.detach()
+        if hasattr(value, "full_tensor"):  # FSDP2's gradient norm is a DTensor: its reduced value
+            value = value.full_tensor()
         if self._step is None:
             self._step = torch.zeros((), dtype=torch.int64, device=value.device)
         first = self._first.get(term)

@@ -9,7 +9,9 @@ and ``∂L/∂W = Σ_c G_cᵀ X_c`` (transposed for Conv1D, which has the same n
 touched and no optimizer is involved.
 
 A "batch" ``b`` is one optimizer step's worth of data: the ``gradient_accumulation_steps`` micro-batches of
-every process. Micro-batch gradients are weighted by their number of examples and, under
+every process. Micro-batch gradients are weighted by their number of loss terms — examples, or label tokens for
+token-level losses such as a causal LM's (its mean over the micro-batch's tokens times their count is their sum,
+as the Trainer normalises by ``num_items_in_batch``) — and, under
 ``torch.distributed``, summed across ranks before the norm, so ``s_k`` is the norm of the full-batch gradient
 and is identical on every rank, for any split of the same global batch across devices and accumulation steps.
 """
@@ -37,7 +39,9 @@ LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
 
 
 def default_loss_fn(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    """The model's own task loss (``outputs.loss``), as the HF Trainer uses it."""
+    """The model's own task loss (``outputs.loss``), as the HF Trainer uses it (no KV cache: nothing generates)."""
+    if getattr(getattr(model, "config", None), "use_cache", False):
+        batch = {**batch, "use_cache": False}
     outputs = model(**batch)
     loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs[0]
     if loss is None:
@@ -48,9 +52,33 @@ def default_loss_fn(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     return loss
 
 
-def _batch_size(batch: Mapping[str, Any]) -> int:
-    if torch.is_tensor(batch.get("labels")):
-        return int(batch["labels"].shape[0])
+def loss_shifts_labels(model: nn.Module) -> bool:
+    """Whether the model's own loss is a causal LM's (label ``t+1`` predicted at ``t``).
+
+    The loss function the model resolves (``PreTrainedModel.loss_function``: its ``loss_type``, and ``ForCausalLM``
+    when that is unset, e.g. GPT-2's ``LMHeadModel``), read without triggering its "unrecognized" warning.
+    """
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    inner = unwrap_model(model)
+    inner = getattr(getattr(inner, "base_model", None), "model", inner)  # peft wrapper -> transformers model
+    if not hasattr(inner, "loss_type"):
+        return False  # not a transformers model: labels are what the user's loss says
+    loss = getattr(inner, "_loss_function", None) or LOSS_MAPPING.get(inner.loss_type or "ForCausalLM")
+    return loss is ForCausalLMLoss and not getattr(getattr(inner, "config", None), "is_encoder_decoder", False)
+
+
+def loss_items(batch: Mapping[str, Any], shifts_labels: bool = False) -> int | torch.Tensor:
+    """How many terms the micro-batch's mean loss averages: its examples, or for token-level labels (2-D and more)
+    the label tokens that are not ``-100`` — of ``labels[..., 1:]`` for causal LMs, of ``shift_labels`` when the
+    collator provides them. The rule of ``Trainer``'s ``num_items_in_batch``; a device tensor (no host sync)."""
+    labels = batch.get("shift_labels", batch.get("labels"))
+    if torch.is_tensor(labels) and labels.dim() >= 2:
+        if shifts_labels and "shift_labels" not in batch:
+            labels = labels[..., 1:]
+        return labels.ne(-100).sum()
+    if torch.is_tensor(labels):
+        return int(labels.shape[0])
     for value in batch.values():
         if torch.is_tensor(value) and value.dim() > 0:
             return int(value.shape[0])
@@ -58,10 +86,14 @@ def _batch_size(batch: Mapping[str, Any]) -> int:
 
 
 def _base_shape(target: LoraTarget) -> tuple[int, int]:
-    """(d_out, d_in) of the base weight, whatever its storage layout."""
+    """(d_out, d_in) of the base weight, whatever its storage layout: GPT-2's ``Conv1D`` stores it transposed,
+    bitsandbytes' ``Linear4bit`` packed (its ``nn.Linear`` features are the logical shape; only ``G`` and ``X`` are
+    used, so a quantized base weight is never dequantized)."""
     base = target.module.get_base_layer()
+    if isinstance(base, nn.Linear):
+        return base.out_features, base.in_features
     w = base.weight
-    return (w.shape[1], w.shape[0]) if not isinstance(base, nn.Linear) else (w.shape[0], w.shape[1])
+    return w.shape[1], w.shape[0]
 
 
 class _CallRecorder:
@@ -194,6 +226,7 @@ def compute_sensitivities(
     loss_fn = loss_fn or default_loss_fn
     inner = unwrap_model(model)
     targets = find_lora_targets(inner, adapter_name)
+    shifts = loss_shifts_labels(inner)
     device = next(inner.parameters()).device
     if loss_scale is None:
         loss_scale = 2.0**12 if autocast_dtype == torch.float16 else 1.0
@@ -227,7 +260,7 @@ def compute_sensitivities(
             got = 0
             for batch in iterator:
                 batch = send_to_device(batch, device, non_blocking=True)
-                n = _batch_size(batch)
+                n = loss_items(batch, shifts)
                 with amp:
                     loss = loss_fn(inner, batch)
                 calls, recorder.calls = recorder.calls, []

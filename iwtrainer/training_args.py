@@ -15,9 +15,10 @@ from .settings import NORMALIZATIONS, PENALTY_FORMS, IWSettings
 
 
 @dataclass
-class IWTrainingArguments(TrainingArguments):
+class IWFields:
     r"""
-    Arguments for [`IWTrainer`]: everything of [`~transformers.TrainingArguments`] plus
+    The IW-LoRA fields, for any arguments dataclass: list it before the base, ``class X(IWFields, SFTConfig)``, so
+    the base's fields keep their positions (``IWTrainingArguments``, ``iwtrainer.sft.IWSFTConfig``).
 
     Parameters:
         iw_alpha (`float`, *optional*, defaults to `1e-4`):
@@ -60,15 +61,28 @@ class IWTrainingArguments(TrainingArguments):
         metadata={"help": "Penalty form: 'delta' (exact ‖Δ‖²) or 'factors' (‖A‖²+‖B‖²).", "choices": PENALTY_FORMS},
     )
 
-    def __post_init__(self):
-        super().__post_init__()
-        self.iw_settings  # noqa: B018 - validates, naming the iw_* argument
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            value = getattr(self, name)  # the Trainer would fail later inside a DataLoader, not naming the flag
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name} must be an integer >= 1, got {value!r}")
-
     @property
     def iw_settings(self) -> IWSettings:
         """The ``iw_*`` fields as validated :class:`IWSettings` (read anew: search trials set fields on ``args``)."""
         return IWSettings.from_args(self)
+
+    def check_iw_fields(self) -> None:
+        """Validate the ``iw_*`` fields and the batch sizes (the Trainer would fail later inside a DataLoader,
+        not naming the argument); call from ``__post_init__`` after the base class's."""
+        self.iw_settings  # noqa: B018 - validates, naming the iw_* argument
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass
+class IWTrainingArguments(IWFields, TrainingArguments):
+    r"""
+    Arguments for [`IWTrainer`]: everything of [`~transformers.TrainingArguments`] plus the ``iw_*`` fields of
+    [`IWFields`] (α, β, N, normalisation and penalty form; defaults and validation are [`IWSettings`]').
+    """
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_iw_fields()

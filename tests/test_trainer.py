@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from tiny import RandomClassification, tiny_args, tiny_base, tiny_lora
+from tiny import RandomClassification, assert_states_close, lora_state, tiny_args, tiny_base, tiny_lora
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import iwtrainer.callbacks as callbacks_module
@@ -20,10 +20,6 @@ def make_args(tmp_path, **kw) -> IWTrainingArguments:
     return tiny_args(tmp_path, IWTrainingArguments, **{**run, **kw})
 
 
-def lora_state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-
-
 def train(tmp_path, trainer_cls=IWTrainer, model=None, args=None, **kw):
     model = model or tiny_lora("bert", init_lora_weights=False)
     trainer = trainer_cls(
@@ -31,12 +27,6 @@ def train(tmp_path, trainer_cls=IWTrainer, model=None, args=None, **kw):
     )
     trainer.train()
     return trainer, lora_state(model)
-
-
-def assert_states_close(a, b, rtol=1e-5, atol=1e-6):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
 
 
 def test_accumulation_gives_the_same_update(tmp_path):

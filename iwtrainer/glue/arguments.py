@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..errors import one_line
+from ..errors import one_line, one_line_errors
 from ..methods import METHODS, AdapterArguments, method_arguments
 from ..search import BACKENDS, DIRECTIONS
 from ..settings import IWSettings
@@ -251,12 +251,7 @@ def build_parser() -> Any:
 
     parser = HfArgumentParser(_dataclass_types())
     parser._option_string_actions["--adapter"].choices = list(METHODS)  # the registry decides
-
-    def error(message: str) -> None:  # argparse prints its usage block first: bad input is one line here
-        parser.exit(2, f"{parser.prog}: error: {' '.join(message.split())}\n")
-
-    parser.error = error
-    return parser
+    return one_line_errors(parser)
 
 
 def load_config_file(path: str | os.PathLike[str], known: Iterable[str]) -> dict[str, Any]:
