@@ -97,7 +97,7 @@ def checkpoint_to_resume(parsed: ParsedArgs, settings: dict[str, Any]) -> str | 
             return None
         flag = f"the last checkpoint in --output_dir {training.output_dir} ({os.path.basename(checkpoint)})"
     fresh = "pass --overwrite_output_dir to start fresh (or another --output_dir)"
-    problem = get_method(parsed.adapter_args.adapter).resume_problem
+    problem = get_method(parsed.adapter_args.adapter).checkpoint_problem(checkpoint)
     if problem:
         raise ValueError(f"{flag} cannot be resumed: {problem}")
     path = os.path.join(checkpoint, RUN_SETTINGS_FILE)

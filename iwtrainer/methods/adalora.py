@@ -28,6 +28,7 @@ import torch
 from peft import AdaLoraConfig
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..files import write_json
 from ..targets import unwrap_model
@@ -37,11 +38,17 @@ from .base import Method, MethodContext, MethodSetup, estimate_train_steps, has_
 logger = logging.getLogger(__name__)
 
 ADALORA_FILE = "adalora_ranks.json"
-RESUME_PROBLEM = (
-    "AdaLoRA does not resume exactly: peft saves its adapter already truncated to the pruned ranks and does not "
-    "checkpoint the allocator's importance EMAs, so a resumed run would prune differently from the interrupted "
-    "one; start fresh (--overwrite_output_dir)"
-)
+STATE_FILE = "adalora_state.pt"  # in every checkpoint: the allocator's EMAs, the rank pattern, the mask history
+
+
+def missing_state(checkpoint: str) -> str | None:
+    """Why an AdaLoRA ``checkpoint`` cannot be resumed exactly (it lacks ``adalora_state.pt``), or ``None``."""
+    if os.path.isfile(os.path.join(checkpoint, STATE_FILE)):
+        return None
+    return (
+        f"it has no {STATE_FILE} (the AdaLoRA allocator's importance EMAs and rank pattern; written by an older "
+        "iwtrainer), so the resumed run would prune differently; start fresh (--overwrite_output_dir)"
+    )
 
 
 def adalora_schedule(total_step: int, tinit_frac: float, tfinal_frac: float) -> tuple[int, int]:
@@ -192,6 +199,11 @@ class AdaLoraCallback(TrainerCallback):
       the gradient accumulation): ``update_and_allocate(state.global_step)`` with the 0-based step index, as in peft's
       own training loop. Steps that the fp16 grad scaler skipped (inf/nan gradients) do not update the importance EMA.
     * ``on_train_end``: stores the final ``rank_pattern`` and per-module ranks and writes ``adalora_ranks.json``.
+    * Checkpoints resume exactly. peft would save the adapter truncated to the current ``rank_pattern`` (which no
+      longer fits the full-rank model and its optimizer state) and keeps the allocator's importance EMAs in memory
+      only. So around each checkpoint save the pattern is lifted from the config (the adapter is saved at full
+      rank: the pruned singular values are zeros, the same model), and ``adalora_state.pt`` holds the EMAs, the
+      pattern and the mask history; :meth:`load_resume_state` reads it back and ``on_train_begin`` restores it.
 
     ``self.history`` has one entry per mask update: ``{"global_step", "budget", "total_rank"}``.
     """
@@ -199,9 +211,12 @@ class AdaLoraCallback(TrainerCallback):
     drives_update_and_allocate = True  # what IWTrainer checks for before training a peft AdaLoRA model
 
     def load_resume_state(self, checkpoint: str, model: torch.nn.Module) -> None:
-        """Called by [`IWTrainer`] before a checkpoint is loaded: AdaLoRA cannot resume exactly (see
-        :data:`RESUME_PROBLEM`), so it refuses instead of continuing a different run."""
-        raise ValueError(f"cannot resume {checkpoint}: {RESUME_PROBLEM}")
+        """Called by [`IWTrainer`] before a checkpoint is loaded: reads ``adalora_state.pt`` (applied at
+        ``on_train_begin``, after the run's schedule is set)."""
+        problem = missing_state(checkpoint)
+        if problem:
+            raise ValueError(f"cannot resume {checkpoint}: {problem}")
+        self._resumed = torch.load(os.path.join(checkpoint, STATE_FILE), map_location="cpu", weights_only=True)
 
     def __init__(
         self, tinit_frac: float | None = None, tfinal_frac: float | None = None, write_file: bool = True
@@ -216,6 +231,8 @@ class AdaLoraCallback(TrainerCallback):
         self.final_ranks: dict[str, int] | None = None
         self.record: dict[str, Any] | None = None
         self._skipped = 0
+        self._resumed: dict[str, Any] | None = None  # adalora_state.pt of the checkpoint being resumed
+        self._lifted: Any = None  # the rank pattern, off the config while a checkpoint is saved
 
     def on_train_begin(
         self,
@@ -245,6 +262,9 @@ class AdaLoraCallback(TrainerCallback):
                 total,
             )
         alloc = tuner.rankallocator
+        if self._resumed is not None and state.global_step > 0:
+            self._restore(tuner, config, self._resumed)
+        self._resumed = None
         logger.info(
             "AdaLoRA: budget %d -> %d over %d matrices, tinit=%d tfinal=%d deltaT=%d total_step=%d",
             alloc.init_bgt,
@@ -282,6 +302,48 @@ class AdaLoraCallback(TrainerCallback):
         if masks and config.rank_pattern:
             total_rank = sum(_pattern_ranks(config.rank_pattern, tuner.trainable_adapter_name).values())
             self.history.append({"global_step": step, "budget": int(budget), "total_rank": total_rank})
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._lift_pattern_if_saving(control, model)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self._lift_pattern_if_saving(control, model)
+
+    def _lift_pattern_if_saving(self, control: TrainerControl, model: torch.nn.Module | None) -> None:
+        """A checkpoint is about to be saved (the Trainer saves right after these events): take the rank pattern off
+        the config so peft saves the adapter at full rank; :meth:`on_save` puts it back."""
+        if not control.should_save or model is None:
+            return
+        tuner = _adalora_model(model)
+        config = tuner.peft_config[tuner.trainable_adapter_name]
+        if config.rank_pattern:
+            self._lifted, config.rank_pattern = config.rank_pattern, None
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        tuner = _adalora_model(model)
+        config = tuner.peft_config[tuner.trainable_adapter_name]
+        if self._lifted is not None:
+            config.rank_pattern, self._lifted = self._lifted, None
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            alloc = tuner.rankallocator
+            torch.save(
+                {
+                    "ipt": alloc.ipt, "exp_avg_ipt": alloc.exp_avg_ipt, "exp_avg_unc": alloc.exp_avg_unc,
+                    "rank_pattern": config.rank_pattern, "history": self.history, "skipped": self._skipped,
+                },
+                os.path.join(folder, STATE_FILE),
+            )  # fmt: skip
+
+    def _restore(self, tuner: Any, config: Any, saved: dict[str, Any]) -> None:
+        alloc = tuner.rankallocator
+        device = next(tuner.parameters()).device
+        for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            setattr(alloc, key, {name: value.to(device) for name, value in saved[key].items()})
+        config.rank_pattern = saved["rank_pattern"]
+        self.history, self._skipped = list(saved["history"]), int(saved["skipped"])
+        logger.info("AdaLoRA: allocator state restored (%d importance entries)", len(alloc.ipt))
 
     def on_train_end(
         self,
@@ -377,7 +439,9 @@ class AdaLoraMethod(Method):
 
     name = "adalora"
     arguments = AdaLoraArguments
-    resume_problem = RESUME_PROBLEM
+
+    def checkpoint_problem(self, checkpoint: str) -> str | None:
+        return missing_state(checkpoint)
 
     def build(self, model: nn.Module, ctx: MethodContext) -> MethodSetup:
         from peft import get_peft_model

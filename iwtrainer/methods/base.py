@@ -171,8 +171,10 @@ class Method:
     """Whether the IW penalty applies: the model has plain peft LoRA factors ``B·A``."""
     adapts_targets: ClassVar[bool] = True
     """Whether the method adapts chosen matrices (full fine-tuning trains everything instead)."""
-    resume_problem: ClassVar[str | None] = None
-    """Why a checkpoint of this method cannot be resumed exactly (the run then refuses to resume), or ``None``."""
+
+    def checkpoint_problem(self, checkpoint: str) -> str | None:
+        """Why ``checkpoint`` of this method cannot be resumed exactly (the run then refuses), or ``None``."""
+        return None
 
     def build(self, model: nn.Module, ctx: MethodContext) -> MethodSetup:
         raise NotImplementedError
