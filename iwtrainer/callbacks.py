@@ -13,6 +13,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .importance import IMPORTANCE_FILE, importance_record, load_importance, save_importance
+from .online import PARTIAL_FILE, OnlineSensitivity
 from .sensitivity import LossFn, Sensitivities, compute_sensitivities, preserved_training_state
 from .settings import IWSettings
 from .targets import find_lora_targets
@@ -53,6 +54,8 @@ class SensitivityCallback(TrainerCallback):
         self.record: dict[str, Any] | None = None
         self.resume_dir: str | None = None
         self.output_dir: str | None = None  # the run folder; None: args.output_dir
+        self.online: OnlineSensitivity | None = None  # iw_calibration="online" while the first N steps run
+        self._online_settings: IWSettings | None = None
         self.iw: IWSettings | None = None  # an IWMixin trainer's iw=IWSettings(...): used instead of args' fields
 
     def run_dir(self, args: TrainingArguments) -> str:
@@ -84,26 +87,54 @@ class SensitivityCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         self.record = None
+        self._stop_online()
         settings = self.settings(args)  # validated
         if not settings.active:
             return  # plain LoRA: nothing to measure
         if model is None or train_dataloader is None:
             raise RuntimeError("SensitivityCallback needs the Trainer's model and train_dataloader at on_train_begin")
+        online = settings.calibrates and settings.calibration == "online"
+        if online and args.fp16:
+            raise ValueError(
+                "iw_calibration='online' reads the training gradients, which fp16 scales by a changing loss scale; "
+                "use bf16, or iw_calibration='separate'"
+            )
         if state.global_step > 0:
-            self._load_for_resume(args, state, model)
+            self._load_for_resume(args, state, model, online)
+            return
+        if online:  # measured by hooks during the first calib_steps training steps; the record follows at step N
+            self.online = OnlineSensitivity(model, self.adapter_name)
+            self._online_settings = settings
             return
         start = time.perf_counter()
         if settings.normalize == "uniform":  # ΔL2: every coefficient is 1, nothing to measure
             sensitivities = dict.fromkeys((t.name for t in find_lora_targets(model, self.adapter_name)), None)
         else:
             sensitivities = self._measure(args, settings, model, train_dataloader)
+        self._finish(args, state, settings, sensitivities, time.perf_counter() - start)
+
+    @property
+    def measuring(self) -> bool:
+        """Whether online calibration is still running (the penalty waits for its record)."""
+        return self.online is not None
+
+    def _finish(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        settings: IWSettings,
+        sensitivities: dict[str, float | None],
+        seconds: float | None,
+    ) -> None:
+        """The importance record from measured sensitivities: kept, written to the run folder and logged."""
         recorded = settings.as_args()
         if self.iw is None and not hasattr(args, "iw_alpha"):  # a plain Trainer: alpha and penalty are the user's
             recorded.update(iw_alpha=None, iw_penalty=None)
         self.record = importance_record(sensitivities, settings.normalize, settings.beta, recorded)
-        # Its cost, for users and benchmarks (sensitivities are floats read back from the device: already synced),
-        # and what was measured: fewer batches than iw_calib_steps when the data ran out, none for "uniform".
-        self.record["calibration_seconds"] = time.perf_counter() - start
+        # Its cost, for users and benchmarks (sensitivities are floats read back from the device: already synced;
+        # None online, where it is spread over the training steps), and what was measured: fewer batches than
+        # iw_calib_steps when the data ran out, none for "uniform".
+        self.record["calibration_seconds"] = seconds
         self.record["calibration_batches"] = getattr(sensitivities, "batches", 0)
         if state.is_world_process_zero:
             save_importance(self.record, self.run_dir(args))
@@ -125,6 +156,26 @@ class SensitivityCallback(TrainerCallback):
                 show_progress=self.show_progress and not args.disable_tqdm,
             )
 
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self.online is None:
+            return
+        self.online.end_step()
+        if self.online.steps >= self._online_settings.calib_steps:
+            self._finish_online(args, state)
+
+    def _finish_online(self, args: TrainingArguments, state: TrainerState) -> None:
+        online, self.online = self.online, None
+        online.remove()
+        if online.steps < self._online_settings.calib_steps:
+            logger.warning("iw_calib_steps=%d but training ran only %d steps", self._online_settings.calib_steps,
+                           online.steps)  # fmt: skip
+        self._finish(args, state, self._online_settings, online.result(), None)
+
+    def _stop_online(self) -> None:
+        if getattr(self, "online", None) is not None:
+            self.online.remove()
+        self.online: OnlineSensitivity | None = None
+
     def on_train_end(
         self,
         args: TrainingArguments,
@@ -134,6 +185,9 @@ class SensitivityCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         """``iw_importance.png``: the weights and coefficients beside each matrix's final ``‖Δ_k‖_F``."""
+        if self.online is not None and self.online.steps > 0:  # a run shorter than iw_calib_steps
+            self._finish_online(args, state)
+        self._stop_online()
         if self.record is None or model is None:
             return
         from .plot import PLOT_FILE, delta_norms_from_model, plot_panels
@@ -150,19 +204,32 @@ class SensitivityCallback(TrainerCallback):
         plot_panels(panels, os.path.join(self.run_dir(args), PLOT_FILE), os.path.basename(self.run_dir(args)))
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.record is None or not state.is_world_process_zero:
+        if not state.is_world_process_zero:
             return
         folder = os.path.join(self.run_dir(args), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if os.path.isdir(folder):
+        if not os.path.isdir(folder):
+            return
+        if self.record is not None:
             save_importance(self.record, folder)
+        elif self.online is not None:  # mid-calibration: the partial sums, so a resumed run measures on exactly
+            torch.save(self.online.state_dict(), os.path.join(folder, PARTIAL_FILE))
 
     # -- resume -------------------------------------------------------------------------------------------
-    def _load_for_resume(self, args: TrainingArguments, state: TrainerState, model: torch.nn.Module) -> None:
+    def _load_for_resume(
+        self, args: TrainingArguments, state: TrainerState, model: torch.nn.Module, online: bool = False
+    ) -> None:
         candidates = [self.resume_dir]
         if isinstance(args.resume_from_checkpoint, str):
             candidates.append(args.resume_from_checkpoint)
         candidates.append(os.path.join(self.run_dir(args), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
         for folder in candidates:
+            partial = os.path.join(folder, PARTIAL_FILE) if folder else ""
+            if online and os.path.isfile(partial) and not os.path.isfile(os.path.join(folder, IMPORTANCE_FILE)):
+                self.online = OnlineSensitivity(model, self.adapter_name)
+                self.online.load_state_dict(torch.load(partial, map_location="cpu", weights_only=True))
+                self._online_settings = self.settings(args)
+                logger.info("IW: continuing online calibration from %s (%d steps measured)", folder, self.online.steps)
+                return
             if folder and os.path.isfile(os.path.join(folder, IMPORTANCE_FILE)):
                 record = load_importance(folder)
                 names = {t.name for t in find_lora_targets(model, self.adapter_name)}
@@ -175,7 +242,8 @@ class SensitivityCallback(TrainerCallback):
                 logger.info("IW: reusing importance weights from %s (no recalibration)", folder)
                 return
         raise FileNotFoundError(
-            f"resuming at step {state.global_step} but no {IMPORTANCE_FILE} was found in "
+            f"resuming at step {state.global_step} but no {IMPORTANCE_FILE}{' or ' + PARTIAL_FILE if online else ''} "
+            "was found in "
             f"{[c for c in candidates if c]}; the importance weights must come from the original calibration"
         )
 

@@ -164,6 +164,11 @@ class IWMixin:
     def iw_active(self) -> bool:
         return self.iw_settings.active
 
+    @property
+    def _penalty_on(self) -> bool:
+        """α > 0 and the importance known (online calibration measures during the first N steps, penalty off)."""
+        return self.iw_active and not self.iw_callback.measuring
+
     def _penalty(self, model: nn.Module) -> IWPenalty:
         record = self.iw_callback.record
         if record is None:
@@ -224,14 +229,14 @@ class IWMixin:
         terms: dict[str, tuple[torch.Tensor, float]] = {}
         ga = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         if model.training and torch.is_grad_enabled():
-            if self.iw_active and self.penalty_backend != "grad":  # "grad": added in training_step, see there
+            if self._penalty_on and self.penalty_backend != "grad":  # "grad": added in training_step, see there
                 terms["iw_penalty"] = (self._penalty(model)(), self.iw_settings.alpha)
             for name, fn in self.regularizers.items():
                 terms[name] = (fn(model), 1.0)
             self.guard.track("task loss", loss)
             for name, (value, _) in terms.items():
                 self.guard.track("IW penalty" if name == "iw_penalty" else f"regulariser {name}", value)
-        if not terms and not (self.iw_active and model.training and torch.is_grad_enabled()):
+        if not terms and not (self._penalty_on and model.training and torch.is_grad_enabled()):
             return (loss, outputs) if return_outputs else loss
         if self._iw_last_logged_step is None:
             self._iw_last_logged_step = self.state.global_step
@@ -252,7 +257,7 @@ class IWMixin:
         form, once. Added last, the step's gradient is ``Σ_micro g + α∇P`` for any accumulation split: exactly what
         the task gradient alone is up to its own summation order. The returned (reported) loss gains ``α·P`` there."""
         loss = super().training_step(model, inputs, *args, **kwargs)
-        if self.iw_active and self.penalty_backend == "grad" and self.accelerator.sync_gradients:
+        if self._penalty_on and self.penalty_backend == "grad" and self.accelerator.sync_gradients:
             alpha = self.iw_settings.alpha
             value = self._penalty(model).add_grad_(self._grad_scale())
             self.guard.track("IW penalty", value)

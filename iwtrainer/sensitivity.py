@@ -166,18 +166,32 @@ def _distributed() -> bool:
 
 
 @torch.no_grad()
+def add_weight_grad_(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
+    """``acc += Gᵀ X`` (the base weight's gradient for one call of its layer), over every leading dimension."""
+    g2 = g.reshape(-1, g.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    half = [t.dtype for t in (g2, x2) if t.dtype in (torch.float16, torch.bfloat16)]
+    if half:  # as autocast computes a weight gradient: half-precision matmul, fp32 sum across calls
+        acc.add_(torch.mm(g2.t().to(half[0]), x2.to(half[0])))
+    else:
+        acc.addmm_(g2.t().to(acc.dtype), x2.to(acc.dtype))
+
+
 def _accumulate(accs: list[torch.Tensor], calls: list, grads: tuple) -> None:
     for (index, x, _), g in zip(calls, grads):
-        if g is None:  # this call did not reach the loss
-            continue
-        g2 = g.reshape(-1, g.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        half = [t.dtype for t in (g2, x2) if t.dtype in (torch.float16, torch.bfloat16)]
-        if half:  # as autocast computes a weight gradient: half-precision matmul, fp32 sum across calls
-            accs[index].add_(torch.mm(g2.t().to(half[0]), x2.to(half[0])))
-        else:
-            dtype = accs[index].dtype
-            accs[index].addmm_(g2.t().to(dtype), x2.to(dtype))
+        if g is not None:  # None: this call did not reach the loss
+            add_weight_grad_(accs[index], g, x)
+
+
+def flat_buffers(targets: list[LoraTarget], device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One flat fp32 buffer and its per-target ``(d_out, d_in)`` views: one ``zero_()``, one all-reduce a batch."""
+    shapes = [_base_shape(t) for t in targets]
+    flat = torch.zeros(sum(o * i for o, i in shapes), device=device, dtype=torch.float32)
+    accs, offset = [], 0
+    for o, i in shapes:
+        accs.append(flat[offset : offset + o * i].view(o, i))
+        offset += o * i
+    return flat, accs
 
 
 class Sensitivities(dict):
@@ -231,13 +245,7 @@ def compute_sensitivities(
     if loss_scale is None:
         loss_scale = 2.0**12 if autocast_dtype == torch.float16 else 1.0
 
-    # One flat fp32 buffer, viewed per target: one zero_() and one all_reduce per batch.
-    shapes = [_base_shape(t) for t in targets]
-    flat = torch.zeros(sum(o * i for o, i in shapes), device=device, dtype=torch.float32)
-    accs, offset = [], 0
-    for o, i in shapes:
-        accs.append(flat[offset : offset + o * i].view(o, i))
-        offset += o * i
+    flat, accs = flat_buffers(targets, device)
     totals = torch.zeros(len(targets), device=device, dtype=torch.float64)
     examples = torch.zeros((), device=device, dtype=torch.float64)
 

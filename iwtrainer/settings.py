@@ -14,6 +14,7 @@ from typing import Any
 
 NORMALIZATIONS = ("sum", "max", "uniform")
 PENALTY_FORMS = ("delta", "factors")
+CALIBRATIONS = ("separate", "online")
 
 
 def _is_real(value: Any) -> bool:
@@ -30,6 +31,9 @@ class IWSettings:
         normalize (`str`, defaults to `"sum"`): `"sum"` (`w_k = s_k/Σ_j s_j`), `"max"` (`w_k = s_k/max_j s_j`) or
             `"uniform"` (`w_k = 0`: every coefficient is 1, a plain L2 on the LoRA updates, "ΔL2"; no calibration).
         penalty (`str`, defaults to `"delta"`): `"delta"` (exact `‖Δ_k‖_F²`) or `"factors"` (`‖A_k‖² + ‖B_k‖²`).
+        calibration (`str`, defaults to `"separate"`): `"separate"` (a forward/backward pass over N batches before step
+            0, no optimizer step) or `"online"` (measured inside the first N training steps from their own backward
+            passes — no extra forward pass; the penalty starts at step N, when the importance is known).
     """
 
     alpha: float = 1e-4
@@ -37,6 +41,7 @@ class IWSettings:
     calib_steps: int = 150
     normalize: str = "sum"
     penalty: str = "delta"
+    calibration: str = "separate"
 
     def __post_init__(self) -> None:
         if not _is_real(self.alpha) or self.alpha < 0:
@@ -49,6 +54,8 @@ class IWSettings:
             raise ValueError(f"iw_normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
         if self.penalty not in PENALTY_FORMS:
             raise ValueError(f"iw_penalty must be one of {PENALTY_FORMS}, got {self.penalty!r}")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"iw_calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
 
     @property
     def active(self) -> bool:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .settings import NORMALIZATIONS, PENALTY_FORMS, IWSettings
+from .settings import CALIBRATIONS, NORMALIZATIONS, PENALTY_FORMS, IWSettings
 
 
 @dataclass
@@ -37,6 +37,10 @@ class IWFields:
         iw_penalty (`str`, *optional*, defaults to `"delta"`):
             `"delta"`: the exact `‖Δ_k‖_F² = s²‖B_k A_k‖_F²` (via r×r Gram matrices); `"factors"`: the source
             code's surrogate `‖A_k‖_F² + ‖B_k‖_F²`.
+        iw_calibration (`str`, *optional*, defaults to `"separate"`):
+            `"separate"`: the sensitivities come from a forward/backward pass over N batches before step 0 (no
+            optimizer step). `"online"`: from the backward passes of the first N training steps themselves (no extra
+            pass; the base-weight gradient `Σ G_cᵀ X_c` is accumulated in hooks), the penalty switching on at step N.
     """
 
     iw_alpha: float = field(
@@ -59,6 +63,14 @@ class IWFields:
     iw_penalty: str = field(
         default=IWSettings.penalty,
         metadata={"help": "Penalty form: 'delta' (exact ‖Δ‖²) or 'factors' (‖A‖²+‖B‖²).", "choices": PENALTY_FORMS},
+    )
+    iw_calibration: str = field(
+        default=IWSettings.calibration,
+        metadata={
+            "help": "Where the sensitivities come from: 'separate' (a pass over N batches before step 0) or 'online' "
+            "(the first N training steps' own backward passes; the penalty starts at step N).",
+            "choices": CALIBRATIONS,
+        },
     )
 
     @property

@@ -21,6 +21,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from ..files import write_json
 from ..importance import IMPORTANCE_FILE
 from ..methods import get_method
+from ..online import PARTIAL_FILE
 
 if TYPE_CHECKING:
     from .arguments import ParsedArgs
@@ -32,7 +33,7 @@ _TRAINING_KEYS = (
     "seed", "data_seed", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
     "lr_scheduler_type", "warmup_steps", "warmup_ratio", "per_device_train_batch_size", "gradient_accumulation_steps",
     "num_train_epochs", "max_steps", "optim", "bf16", "fp16", "iw_alpha", "iw_beta", "iw_calib_steps",
-    "iw_normalize", "iw_penalty",
+    "iw_normalize", "iw_penalty", "iw_calibration",
 )  # fmt: skip
 _DATA_KEYS = (
     "task_name", "dataset_name", "dataset_config_name", "train_file", "max_train_samples", "max_seq_length",
@@ -113,7 +114,8 @@ def checkpoint_to_resume(parsed: ParsedArgs, settings: dict[str, Any]) -> str | 
             f"{flag} was written with other settings ({shown}{more}); resume with the same flags, or {fresh}"
         )
     if training.iw_settings.calibrates and get_method(parsed.adapter_args.adapter).uses_iw:
-        if not os.path.isfile(os.path.join(checkpoint, IMPORTANCE_FILE)):
+        found = [f for f in (IMPORTANCE_FILE, PARTIAL_FILE) if os.path.isfile(os.path.join(checkpoint, f))]
+        if not found or (found == [PARTIAL_FILE] and training.iw_settings.calibration != "online"):
             raise ValueError(
                 f"{flag} has no {IMPORTANCE_FILE}: the importance weights must come from the original calibration, "
                 f"never a new one mid-run; {fresh}"

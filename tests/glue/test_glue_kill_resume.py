@@ -18,6 +18,8 @@ KILLER = ROOT / "tests" / "scripts" / "killed_run.py"
 RUN = ["--do_train", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--lora_dropout", "0.1"]
 CASES = {
     "iw-lora": ["--iw_alpha", "1e-2"],
+    "iw-lora, killed mid online calibration": ["--iw_alpha", "1e-2", "--iw_calibration", "online",
+                                               "--iw_calib_steps", "3"],
     "delta-l2": ["--iw_alpha", "1e-2", "--iw_normalize", "uniform"],
     "gradnorm, in the warm-up": ["--adapter", "gradnorm", "--rank_warmup_steps", "3"],
     "gradnorm, allocated": ["--adapter", "gradnorm", "--rank_warmup_steps", "1", "--iw_alpha", "1e-2"],
@@ -64,7 +66,9 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, case):
     resumed = run(base_args(crashed, "rte", *flags))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming training at" in resumed.stdout
-    if "--iw_alpha" in flags:
+    if "online" in flags:
+        assert "continuing online calibration" in resumed.stdout  # the partial sums, not a fresh start
+    elif "--iw_alpha" in flags:
         assert "reusing importance weights" in resumed.stdout  # never recalibrated
     expected, got = weights(straight), weights(crashed)
     assert expected.keys() == got.keys()
