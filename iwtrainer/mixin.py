@@ -62,8 +62,10 @@ class IWMixin:
 
     Gradient accumulation: the penalty's contribution to each optimizer step is ``α·∇P`` whatever the accumulation
     steps, the loss normalisation (token-level losses normalised by ``num_items_in_batch``, or per-micro-batch means)
-    and the number of processes: it is divided by the accumulation steps exactly when the Trainer will *not* divide
-    the returned loss itself, and never multiplied by the process count (DDP averages identical gradients). For
+    and the number of processes. Its closed-form gradient is added once, after the step's last backward (see
+    :meth:`training_step`); terms that go through autograd (regularisers, the ``"autograd"`` backend) are divided by
+    the accumulation steps exactly when the Trainer will *not* divide the returned loss itself. Neither is multiplied
+    by the process count (DDP averages identical gradients). For
     models whose loss ignores ``num_items_in_batch`` (sequence classifiers), the Trainer is told to divide the loss by
     the accumulation steps, so 16 × 2 gives the same update as 32 × 1.
 
