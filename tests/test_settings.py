@@ -13,7 +13,8 @@ from transformers import TrainingArguments
 import iwtrainer
 from iwtrainer import IWSettings, IWTrainingArguments, SensitivityCallback
 
-DEFAULTS = {"alpha": 1e-4, "beta": 1.0, "calib_steps": 150, "normalize": "sum", "penalty": "delta"}
+DEFAULTS = {"alpha": 1e-4, "beta": 1.0, "calib_steps": 150, "normalize": "sum", "penalty": "delta",
+            "calibration": "separate"}  # fmt: skip
 
 
 def iw_args(tmp_path, **kw) -> IWTrainingArguments:
@@ -52,6 +53,7 @@ INVALID = [
     ("calib_steps", True, "iw_calib_steps must be an integer >= 1, got True"),
     ("normalize", "mean", "iw_normalize must be one of ("),
     ("penalty", "l1", "iw_penalty must be one of ('delta', 'factors'), got 'l1'"),
+    ("calibration", "warmup", "iw_calibration must be one of ('separate', 'online'), got 'warmup'"),
 ]
 
 
