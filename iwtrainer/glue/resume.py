@@ -22,6 +22,7 @@ from ..files import write_json
 from ..importance import IMPORTANCE_FILE
 from ..methods import get_method
 from ..online import PARTIAL_FILE
+from ..settings import IWSettings
 
 if TYPE_CHECKING:
     from .arguments import ParsedArgs
@@ -35,6 +36,8 @@ _TRAINING_KEYS = (
     "num_train_epochs", "max_steps", "optim", "bf16", "fp16", "iw_alpha", "iw_beta", "iw_calib_steps",
     "iw_normalize", "iw_penalty", "iw_calibration",
 )  # fmt: skip
+# Settings added after run_settings.json first shipped: a file without one was written with its default.
+_LATER_DEFAULTS = {"iw_calibration": IWSettings.calibration}
 _DATA_KEYS = (
     "task_name", "dataset_name", "dataset_config_name", "train_file", "max_train_samples", "max_seq_length",
     "pad_to_max_length",
@@ -105,7 +108,7 @@ def checkpoint_to_resume(parsed: ParsedArgs, settings: dict[str, Any]) -> str | 
     if not os.path.isfile(path):
         raise ValueError(f"{flag} has no {RUN_SETTINGS_FILE}: it was not written by run_glue_iw.py; {fresh}")
     with open(path) as handle:
-        saved = json.load(handle)
+        saved = {**_LATER_DEFAULTS, **json.load(handle)}
     differ = [k for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
     if differ:
         shown = ", ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in differ[:4])
