@@ -55,7 +55,6 @@ class SensitivityCallback(TrainerCallback):
         self.resume_dir: str | None = None
         self.output_dir: str | None = None  # the run folder; None: args.output_dir
         self.online: OnlineSensitivity | None = None  # iw_calibration="online" while the first N steps run
-        self._online_settings: IWSettings | None = None
         self.iw: IWSettings | None = None  # an IWMixin trainer's iw=IWSettings(...): used instead of args' fields
 
     def run_dir(self, args: TrainingArguments) -> str:
@@ -104,7 +103,6 @@ class SensitivityCallback(TrainerCallback):
             return
         if online:  # measured by hooks during the first calib_steps training steps; the record follows at step N
             self.online = OnlineSensitivity(model, self.adapter_name)
-            self._online_settings = settings
             return
         start = time.perf_counter()
         if settings.normalize == "uniform":  # ΔL2: every coefficient is 1, nothing to measure
@@ -160,21 +158,21 @@ class SensitivityCallback(TrainerCallback):
         if self.online is None:
             return
         self.online.end_step()
-        if self.online.steps >= self._online_settings.calib_steps:
+        if self.online.steps >= self.settings(args).calib_steps:
             self._finish_online(args, state)
 
     def _finish_online(self, args: TrainingArguments, state: TrainerState) -> None:
         online, self.online = self.online, None
         online.remove()
-        if online.steps < self._online_settings.calib_steps:
-            logger.warning("iw_calib_steps=%d but training ran only %d steps", self._online_settings.calib_steps,
-                           online.steps)  # fmt: skip
-        self._finish(args, state, self._online_settings, online.result(), None)
+        settings = self.settings(args)
+        if online.steps < settings.calib_steps:
+            logger.warning("iw_calib_steps=%d but training ran only %d steps", settings.calib_steps, online.steps)
+        self._finish(args, state, settings, online.result(), None)
 
     def _stop_online(self) -> None:
-        if getattr(self, "online", None) is not None:
+        if self.online is not None:
             self.online.remove()
-        self.online: OnlineSensitivity | None = None
+        self.online = None
 
     def on_train_end(
         self,
@@ -227,7 +225,6 @@ class SensitivityCallback(TrainerCallback):
             if online and os.path.isfile(partial) and not os.path.isfile(os.path.join(folder, IMPORTANCE_FILE)):
                 self.online = OnlineSensitivity(model, self.adapter_name)
                 self.online.load_state_dict(torch.load(partial, map_location="cpu", weights_only=True))
-                self._online_settings = self.settings(args)
                 logger.info("IW: continuing online calibration from %s (%d steps measured)", folder, self.online.steps)
                 return
             if folder and os.path.isfile(os.path.join(folder, IMPORTANCE_FILE)):

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .targets import whole_tensor
+
 
 class TrainingDiverged(RuntimeError):
     """A training term became non-finite; the message names the term and the first optimizer step where it did."""
@@ -52,9 +54,7 @@ class DivergenceGuard(TrainerCallback):
 
     def track(self, term: str, value: torch.Tensor) -> None:
         """Remember the current step for ``term`` if ``value`` is not finite and no earlier step was recorded."""
-        value = value.detach()
-        if hasattr(value, "full_tensor"):  # FSDP2's gradient norm is a DTensor: its reduced value
-            value = value.full_tensor()
+        value = whole_tensor(value.detach())  # FSDP2's gradient norm is a DTensor: its reduced value
         if self._step is None:
             self._step = torch.zeros((), dtype=torch.int64, device=value.device)
         first = self._first.get(term)

@@ -25,13 +25,12 @@ from .callbacks import SensitivityCallback
 from .guard import DivergenceGuard
 from .penalty import IWPenalty
 from .settings import IWSettings
-from .targets import find_lora_targets, layout_version, unwrap_model
+from .targets import find_lora_targets, layout_version, transformers_model, unwrap_model
 
 
 def model_uses_num_items(model: nn.Module) -> bool:
     """Whether the model's forward normalises its loss by ``num_items_in_batch`` (through ``self.loss_function``)."""
-    inner = unwrap_model(model)
-    inner = getattr(getattr(inner, "base_model", None), "model", inner)  # peft wrapper -> transformers model
+    inner = transformers_model(model)
     if hasattr(inner, "accepts_loss_kwargs"):
         return bool(inner.accepts_loss_kwargs)
     try:

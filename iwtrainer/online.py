@@ -22,14 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .sensitivity import Sensitivities, add_weight_grad_, flat_buffers
+from .sensitivity import Sensitivities, add_weight_grad_, flat_buffers, world_size
 from .targets import find_lora_targets, unwrap_model
 
 PARTIAL_FILE = "iw_calibration_partial.pt"  # in checkpoints written before the N steps are complete
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class OnlineSensitivity:
@@ -58,7 +54,7 @@ class OnlineSensitivity:
     @torch.no_grad()
     def end_step(self) -> None:
         """One optimizer step's backward passes are done: add the norms of its (rank-averaged) gradients."""
-        world = _world()
+        world = world_size()
         if world > 1:
             dist.all_reduce(self.flat)
             self.flat.div_(world)

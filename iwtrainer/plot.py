@@ -46,13 +46,13 @@ def _delta_norm(a: torch.Tensor, b: torch.Tensor, scale: float, e: torch.Tensor 
 def delta_norms_from_model(model: torch.nn.Module) -> dict[str, float]:
     """``‖Δ_k‖_F`` of every plain LoRA layer of a (peft) model in memory. Under FSDP2 the factors are gathered
     first: a collective, so every rank must call this."""
-    from .targets import find_lora_targets
-
-    def whole(x: torch.Tensor) -> torch.Tensor:
-        return x.full_tensor() if hasattr(x, "full_tensor") else x
+    from .targets import find_lora_targets, whole_tensor
 
     with torch.no_grad():
-        return {t.name: _delta_norm(whole(t.lora_A), whole(t.lora_B), t.scaling) for t in find_lora_targets(model)}
+        return {
+            t.name: _delta_norm(whole_tensor(t.lora_A), whole_tensor(t.lora_B), t.scaling)
+            for t in find_lora_targets(model)
+        }
 
 
 def _pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:

@@ -31,7 +31,7 @@ from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
-from .targets import LoraTarget, find_lora_targets, unwrap_model
+from .targets import LoraTarget, find_lora_targets, transformers_model, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +60,7 @@ def loss_shifts_labels(model: nn.Module) -> bool:
     """
     from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
-    inner = unwrap_model(model)
-    inner = getattr(getattr(inner, "base_model", None), "model", inner)  # peft wrapper -> transformers model
+    inner = transformers_model(model)
     if not hasattr(inner, "loss_type"):
         return False  # not a transformers model: labels are what the user's loss says
     loss = getattr(inner, "_loss_function", None) or LOSS_MAPPING.get(inner.loss_type or "ForCausalLM")
@@ -161,8 +160,13 @@ def preserved_training_state(dataloader: Any = None) -> Iterator[None]:
                 setattr(obj, attr, value)
 
 
+def world_size() -> int:
+    """Processes in the default ``torch.distributed`` group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return world_size() > 1
 
 
 @torch.no_grad()

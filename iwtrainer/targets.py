@@ -50,6 +50,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return extract_model_from_parallel(model, keep_torch_compile=False)
 
 
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside parallel wrappers and a peft wrapper (itself when there is none)."""
+    inner = unwrap_model(model)
+    return getattr(getattr(inner, "base_model", None), "model", inner)
+
+
+def whole_tensor(x: torch.Tensor) -> torch.Tensor:
+    """``x``, gathered when it is an FSDP2 ``DTensor`` shard (a collective: every rank must call it)."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
 def layout_version(model: nn.Module) -> int:
     """Bumped by :func:`mark_layout_changed` whenever LoRA layers are rebuilt (e.g. rank re-allocation)."""
     return getattr(unwrap_model(model), "_iw_layout_version", 0)

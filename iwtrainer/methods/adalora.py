@@ -144,6 +144,12 @@ def _adalora_model(model: torch.nn.Module) -> torch.nn.Module:
     return tuner
 
 
+def _tuner_and_config(model: torch.nn.Module) -> tuple[Any, AdaLoraConfig]:
+    """peft's ``AdaLoraModel`` (see :func:`_adalora_model`) and the config of its trainable adapter."""
+    tuner = _adalora_model(model)
+    return tuner, tuner.peft_config[tuner.trainable_adapter_name]
+
+
 def _module_name(param_name: str, adapter: str) -> str:
     """``bert.….query.lora_E.default`` (or ``….lora_E`` once peft has saved the pattern) -> ``bert.….query``."""
     name = param_name
@@ -242,8 +248,7 @@ class AdaLoraCallback(TrainerCallback):
         model: torch.nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        tuner = _adalora_model(model)
-        config = tuner.peft_config[tuner.trainable_adapter_name]
+        tuner, config = _tuner_and_config(model)
         self.history, self.final_rank_pattern, self.final_ranks, self.record, self._skipped = [], None, None, None, 0
         total = state.max_steps
         old = (config.total_step, config.tinit, config.tfinal)
@@ -285,8 +290,7 @@ class AdaLoraCallback(TrainerCallback):
         optimizer: Any = None,
         **kwargs: Any,
     ) -> None:
-        tuner = _adalora_model(model)
-        config = tuner.peft_config[tuner.trainable_adapter_name]
+        tuner, config = _tuner_and_config(model)
         step = state.global_step  # 0-based index of the optimizer step that just ran (incremented after this event)
         final_step = config.total_step - config.tfinal
         if step < final_step and getattr(optimizer, "step_was_skipped", False):
@@ -315,14 +319,12 @@ class AdaLoraCallback(TrainerCallback):
         the config so peft saves the adapter at full rank; :meth:`on_save` puts it back."""
         if not control.should_save or model is None:
             return
-        tuner = _adalora_model(model)
-        config = tuner.peft_config[tuner.trainable_adapter_name]
+        tuner, config = _tuner_and_config(model)
         if config.rank_pattern:
             self._lifted, config.rank_pattern = config.rank_pattern, None
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        tuner = _adalora_model(model)
-        config = tuner.peft_config[tuner.trainable_adapter_name]
+        tuner, config = _tuner_and_config(model)
         if self._lifted is not None:
             config.rank_pattern, self._lifted = self._lifted, None
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
