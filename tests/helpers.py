@@ -93,3 +93,12 @@ def in_space(params: dict) -> bool:
         and params["per_device_train_batch_size"] in (16, 32, 64)
         and 1e-5 <= params["iw_alpha"] <= 1e-3
     )
+
+
+def assert_one_line(exc: pytest.ExceptionInfo[Exception], *fragments: str) -> str:
+    """The raised error's message: one line, containing every fragment."""
+    message = str(exc.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message

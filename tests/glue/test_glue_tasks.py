@@ -11,7 +11,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from helpers import ROOT, needs_glue
+from helpers import ROOT, assert_one_line, needs_glue
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
 
@@ -28,15 +28,6 @@ from iwtrainer.glue.tasks import (
     load_glue_metric,
     objective_metric,
 )
-
-
-def assert_one_line(exc: pytest.ExceptionInfo[GlueDataError], *fragments: str) -> str:
-    message = str(exc.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    return message
-
 
 # --------------------------------------------------------------------------------------------------- task table
 

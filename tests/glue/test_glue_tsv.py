@@ -9,7 +9,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from helpers import EXPECTED_ROWS, needs_glue
+from helpers import EXPECTED_ROWS, assert_one_line, needs_glue
 
 from iwtrainer.glue.tasks import GLUE_TASKS, GlueDataError
 from iwtrainer.glue.tsv import STSB_MAX_SCORE, STSB_MIN_SCORE, load_glue_from_dir
@@ -20,14 +20,6 @@ def write_tsv(path: Path, header: list[str] | None, rows: list[list[str]]) -> Pa
     lines = (["\t".join(header)] if header is not None else []) + ["\t".join(row) for row in rows]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-def assert_one_line(exc: pytest.ExceptionInfo[GlueDataError], *fragments: str) -> str:
-    message = str(exc.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    return message
 
 
 # ------------------------------------------------------------------------------------------------ real data
