@@ -206,6 +206,14 @@ def task_method_flags(task: str, method: str) -> list[str]:
     return method_flags(method)
 
 
+def _known(task: str, method: str) -> bool:
+    try:
+        task_method_flags(task, method)
+    except KeyError:
+        return False
+    return True
+
+
 def grid_cells(selection: dict) -> list[str]:
     """Every TASK/METHOD of the all-mpnet-base-v2 evidence grid from the held-out selection
     (``glue_mpnet_tuning.json``): LoRA and the three penalties at their selected α, the LoRA-family members at the
@@ -293,7 +301,7 @@ def run_cell(
     m = TUNE_NAME.match(method) if tuning_style else None
     if m:
         record.update(method=m["family"], config=method)
-    flags = method_flags(method)
+    flags = task_method_flags(task, method)
     record["lr"] = flag_value(flags, "--learning_rate")
     record["alpha"] = flag_value(flags, "--iw_alpha")
     record["wall_s"] = time.time() - t0
@@ -533,9 +541,10 @@ def main() -> None:
     else:
         pairs = [c.split("/") for c in args.cells.split(",")] if args.cells else []
         tasks = [t for t, _ in pairs] if pairs else args.tasks.split(",")
-        methods = [] if args.tune else [m for _, m in pairs] if pairs else args.methods.split(",")
-        unknown = [m for m in methods if m not in METHODS and not TUNE_NAME.match(m)]
-        unknown += [t for t in tasks if t not in PROTOCOL]
+        if not pairs and not args.tune:
+            pairs = [(t, m) for t in tasks for m in args.methods.split(",")]
+        unknown = [t for t in tasks if t not in PROTOCOL]
+        unknown += [m for t, m in pairs if t in PROTOCOL and not _known(t, m)]
         if unknown:
             raise SystemExit(f"glue_table.py: unknown method/task {unknown}; methods {list(METHODS)}")
         run_grid(args)
