@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from iwtrainer.hpo import objective_metric  # noqa: E402  (the task's GLUE metric: the one reported and searched)
+from iwtrainer.glue.tasks import objective_metric  # noqa: E402  (the task's GLUE metric: the one reported and searched)
 
 # The grid's tasks in table order, with what their metric averages.
 TASK_LABEL = {"rte": "acc", "mrpc": "acc/F1", "stsb": "Pearson/Spearman", "cola": "MCC", "sst2": "acc"}

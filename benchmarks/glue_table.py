@@ -125,12 +125,15 @@ TUNE_FAMILIES: dict[str, list[str]] = {
     # The rest of the evidence grid (GLUE_MPNET.md): LoRA-family members at the family's selected lr, no α.
     "gradnorm": ["--adapter", "gradnorm", "--iw_alpha", "0"],
     "pissa": ["--adapter", "pissa"],
+    # PiSSA as its authors and peft's example run it: no dropout on the adapter. With the family's dropout 0.1 the
+    # adapter carries W's top-r singular directions, so dropout noises the principal part of every target.
+    "pissa_d0": ["--adapter", "pissa", "--lora_dropout", "0"],
     "dora": ["--adapter", "dora"],
     "eva": ["--adapter", "eva", "--iw_alpha", "0"],
 }
-ALPHA_FREE = ("lora", "gradnorm", "pissa", "dora", "eva")  # families whose cells carry no _a<alpha>
+ALPHA_FREE = ("lora", "gradnorm", "pissa", "pissa_d0", "dora", "eva")  # families whose cells carry no _a<alpha>
 TUNE_NAME = re.compile(
-    r"^(?P<family>lora|dl2|iwlora_sum|iwlora_max|gradnorm|pissa|dora|eva)(?:_a(?P<alpha>[0-9.e+-]+))?"
+    r"^(?P<family>lora|dl2|iwlora_sum|iwlora_max|gradnorm|pissa_d0|pissa|dora|eva)(?:_a(?P<alpha>[0-9.e+-]+))?"
     r"_lr(?P<lr>[0-9.e+-]+)$"
 )
 # AdaLoRA with its own paper's recipe (AdaLoRA, App. C / Table 8, DeBERTaV3-base, batch 32): lr, orthogonality γ,

@@ -1,0 +1,63 @@
+"""The committed results tables regenerate from their committed per-run lines (the report scripts do not rot), and
+the evidence report's statistics agree with independent computations."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+RESULTS = BENCH / "results"
+sys.path.insert(0, str(BENCH))
+import glue_mpnet_report as mpnet  # noqa: E402
+import glue_report  # noqa: E402
+
+
+def test_minilm_table_regenerates() -> None:
+    rows = glue_report.load(RESULTS / "glue_minilm.jsonl")
+    step = json.loads((RESULTS / "step_time.json").read_text())
+    text = glue_report.markdown(glue_report.aggregate(rows), step) + "\n"
+    assert text == (RESULTS / "glue_table.md").read_text()
+
+
+def _mpnet() -> tuple[dict, dict, dict]:
+    selection = json.loads((RESULTS / "glue_mpnet_tuning.json").read_text())["selection"]
+    runs = mpnet.load_runs(RESULTS / "glue_mpnet_dev.jsonl", RESULTS / "glue_mpnet_grid.jsonl")
+    return runs, selection, mpnet.aggregate(runs, selection)
+
+
+def test_mpnet_table_regenerates() -> None:
+    runs, selection, agg = _mpnet()
+    text = mpnet.markdown(agg, selection) + "\n" + (RESULTS / "GLUE_MPNET_READING.md").read_text()
+    assert text == (RESULTS / "GLUE_MPNET.md").read_text()
+    assert json.loads((RESULTS / "glue_mpnet.json").read_text()) == json.loads(json.dumps(agg))
+
+
+def test_mpnet_paired_interval_matches_scipy() -> None:
+    runs, _, agg = _mpnet()
+    c = agg["comparisons"]["iwlora_sum - lora"]["rte"]
+    # Independently: the same seeds' scores straight from the run lines, and scipy's t interval.
+    a = {r["seed"]: r for r in runs.values() if r["key"].startswith("rte/iwlora_sum_a1e-3_lr5e-4/")}
+    b = {r["seed"]: r for r in runs.values() if r["key"].startswith("rte/lora_lr5e-4/")}
+    diffs = [100 * (a[s]["results"]["eval_accuracy"] - b[s]["results"]["eval_accuracy"]) for s in sorted(a)]
+    low, high = stats.t.interval(0.95, len(diffs) - 1, loc=statistics.fmean(diffs), scale=stats.sem(diffs))
+    assert c["seeds"] == [1, 2, 3, 4, 5]
+    assert c["mean"] == pytest.approx(statistics.fmean(diffs), abs=1e-9)
+    assert (c["low"], c["high"]) == (pytest.approx(low, abs=1e-9), pytest.approx(high, abs=1e-9))
+
+
+def test_mpnet_collapse_is_the_constant_prediction() -> None:
+    runs, _, _ = _mpnet()
+    # A constant "equivalent" prediction on MRPC dev scores exactly the run PiSSA collapsed to.
+    pissa = runs["mrpc/pissa_lr1e-3/1"]["results"]
+    assert 100 * pissa["eval_accuracy"] == pytest.approx(100 * 279 / 408)
+    assert 100 * pissa["eval_combined_score"] == pytest.approx(mpnet.CONSTANT["mrpc"])
+    assert mpnet.collapsed(runs["mrpc/pissa_lr1e-3/1"]) and not mpnet.collapsed(runs["mrpc/lora_lr1e-3/1"])
+    assert mpnet.score(runs["stsb/pissa_lr1e-3/1"]) == 0.0  # an undefined (NaN) correlation scores 0
+    assert math.isnan(runs["stsb/pissa_lr1e-3/1"]["results"]["eval_pearson"])
