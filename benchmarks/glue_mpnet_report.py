@@ -47,15 +47,21 @@ LABEL = {
     "pissa": "PiSSA",
     "dora": "DoRA",
     "eva": "EVA",
+    "pissa_d0": "PiSSA (no dropout, own lr)",
+    "eva_own": "EVA (own lr)",
     "adalora": "AdaLoRA (paper recipe)",
 }
 PENALTIES = ("dl2", "iwlora_sum", "iwlora_max")
 FAMILY = ("gradnorm", "pissa", "dora", "eva")  # the LoRA family's other members: the family's selected lr
 
 
-def config(method: str, task: str, selection: dict) -> str:
-    """The run name of ``method``'s row on ``task`` (its selected lr and α; the fixed per-task recipes)."""
+def config(method: str, task: str, selection: dict) -> str | None:
+    """The run name of ``method``'s row on ``task`` (its selected lr and α; the fixed per-task recipes); None while
+    the row's own lr is not selected yet."""
     chosen = selection[task]
+    if method in ("pissa_d0", "eva_own"):
+        family = method.removesuffix("_own")
+        return f"{family}_lr{chosen[family]['lr']}" if family in chosen else None
     if method == "full":
         return "full_lr2e-5"
     if method == "adalora":
@@ -110,6 +116,8 @@ def aggregate(runs: dict[str, dict], selection: dict) -> dict:
     for method in LABEL:
         for task in TASKS:
             name = config(method, task, selection)
+            if name is None:
+                continue
             seeds = {r["seed"]: r for k, r in runs.items() if k.startswith(f"{task}/{name}/")}
             if seeds:
                 cells.setdefault(method, {})[task] = seeds
@@ -173,10 +181,15 @@ def aggregate(runs: dict[str, dict], selection: dict) -> dict:
         "iwlora_max - lora": paired("iwlora_max", "lora"),
         "iwlora_sum - dl2": paired("iwlora_sum", "dl2"),
         "iwlora_max - dl2": paired("iwlora_max", "dl2"),
-        **{f"{m} - lora": paired(m, "lora") for m in ("full", "gradnorm", "pissa", "dora", "eva", "adalora")},
+        **{
+            f"{m} - lora": paired(m, "lora")
+            for m in ("full", "gradnorm", "pissa", "dora", "eva", "pissa_d0", "eva_own", "adalora")
+            if m in cells
+        },
     }
     missing = [
-        f"{t}/{config(m, t, selection)}: seeds {sorted(set(range(1, 6)) - set(cells.get(m, {}).get(t, {})))}"
+        f"{t}/{config(m, t, selection) or m + ' (its lr: selection stage 3)'}: seeds "
+        f"{sorted(set(range(1, 6)) - set(cells.get(m, {}).get(t, {})))}"
         for m in LABEL
         for t in TASKS
         if len(cells.get(m, {}).get(t, {})) < 5

@@ -227,6 +227,8 @@ def grid_cells(selection: dict) -> list[str]:
         cells.append(f"{task}/{tune_name('lora', lr)}")
         cells += [f"{task}/{tune_name(m, lr, chosen[m]['alpha'])}" for m in ("dl2", "iwlora_sum", "iwlora_max")]
         cells += [f"{task}/{tune_name(m, lr)}" for m in ("gradnorm", "pissa", "dora", "eva")]
+        # Initialisation variants at their own held-out lr (stage 3 of the selection), once it is selected.
+        cells += [f"{task}/{tune_name(m, chosen[m]['lr'])}" for m in ("pissa_d0", "eva") if m in chosen]
         cells += [f"{task}/adalora_paper", f"{task}/full_lr{GRID_FULL_LR}"]
         cells += [f"{task}/wsa_l{lam}_t{tau}_lr{lr}" for lam, tau in WSA_SWEEP]
     return cells

@@ -32,6 +32,11 @@ STAGE1_SEEDS = (1, 2)
 ALPHAS = ("1e-4", "1e-3", "1e-2", "1e-1")
 PENALTIES = ("dl2", "iwlora_sum", "iwlora_max")
 STAGE2_SEED = 1
+# Stage 3: the initialisation variants whose adapter is not a small zero-started update at the family's lr (PiSSA,
+# which collapses there with the family's dropout; EVA) get their own lr, chosen the way stage 1 chose LoRA's.
+INIT_FAMILIES = ("pissa_d0", "eva")
+INIT_LRS = ("1e-4", "3e-4", "1e-3")
+INIT_SEEDS = (1, 2)
 DEV_SEEDS = (1, 2, 3, 4, 5)
 MODEL = "all-mpnet-base-v2"
 
@@ -68,6 +73,7 @@ def summarize(recs: dict[str, dict], dev: dict[str, dict], split: dict | None) -
             "dl2": "--iw_beta 0: every coefficient (1-w)^0 = 1 (the uniform Delta-L2 penalty)",
             "stage1": {"family": "lora (--iw_alpha 0)", "lrs": LRS, "seeds": STAGE1_SEEDS, "select": "best mean"},
             "stage2": {"methods": PENALTIES, "alphas": ALPHAS, "seed": STAGE2_SEED, "select": "best score"},
+            "stage3": {"families": INIT_FAMILIES, "lrs": INIT_LRS, "seeds": INIT_SEEDS, "select": "best mean"},
             "selection_metric": {t: METRIC_NAME[t] for t in TASKS},
             "data": "train on 85 % of each task's train.tsv, score on the other 15 % (never the GLUE dev set)",
             "code": ".gpu/code: a frozen copy of run_glue_iw.py + iwtrainer (commit 7c4490b)",
@@ -75,6 +81,7 @@ def summarize(recs: dict[str, dict], dev: dict[str, dict], split: dict | None) -
         "split": split,
         "stage1": {},
         "stage2": {},
+        "stage3": {},
         "selection": {},
         "dev_cells": [],
     }
@@ -109,6 +116,13 @@ def summarize(recs: dict[str, dict], dev: dict[str, dict], split: dict | None) -
             }
             out["dev_cells"].append(f"{task}/{tune_name(method, lr, best)}")
         out["stage2"][task] = {"lr": lr, "lora_alpha0": sel["lora_reference_seed1"], **stage2}
+        out["stage3"][task] = {}
+        for family in INIT_FAMILIES:
+            means = {x: mean([score(recs, task, tune_name(family, x), s) for s in INIT_SEEDS]) for x in INIT_LRS}
+            out["stage3"][task][family] = means
+            if None not in means.values():
+                best = max(INIT_LRS, key=lambda x: (means[x], -INIT_LRS.index(x)))
+                sel[family] = {"lr": best, "heldout_mean": means[best]}
         out["selection"][task] = sel
     out["runs"] = {
         key: {
@@ -242,6 +256,17 @@ def markdown(s: dict) -> str:
                 f"| {task} ({st['lr']}) | {method} | {fmt(st['lora_alpha0'])} | " + " | ".join(vals)
                 + f" | {best} | {'' if diff is None else f'{diff:+.4f}'} |"
             )  # fmt: skip
+    lines += [
+        "",
+        "## Stage 3: the initialisation variants' own lr (PiSSA without dropout, EVA; mean of seeds 1 and 2)",
+        "",
+        "| task | family | " + " | ".join(f"lr {x}" for x in INIT_LRS) + " | selected lr |",
+        "|---|---|" + "---|" * len(INIT_LRS) + "---|",
+    ]
+    for task in TASKS:
+        for family, means in s["stage3"].get(task, {}).items():
+            chosen = s["selection"][task].get(family, {}).get("lr", "–")
+            lines.append(f"| {task} | {family} | " + " | ".join(fmt(means[x]) for x in INIT_LRS) + f" | {chosen} |")
     lines += [
         "",
         "## Selection",
