@@ -14,6 +14,7 @@ Settings — one rule: ``iw=IWSettings(...)`` passed to the trainer, *or* the ``
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from .callbacks import SensitivityCallback
+from .compiled import run_eagerly
 from .guard import DivergenceGuard
 from .penalty import IWPenalty
 from .settings import IWSettings
@@ -70,6 +72,10 @@ class IWMixin:
 
     Every ``train()`` rebuilds the penalty on the model it trains; during ``hyperparameter_search`` each trial's
     ``iw_importance.json`` goes to its run folder (``<output_dir>/run-N``) like its checkpoints.
+
+    ``torch_compile=True``: the Trainer compiles the model's forward and backward; the penalty gradient, the loss terms
+    and the logs run outside that graph (no graph break, no recompile), and calibration runs eagerly, online
+    calibration's first N steps included (:mod:`iwtrainer.compiled`; ``tests/test_compile.py``).
     """
 
     def __init__(
@@ -225,7 +231,13 @@ class IWMixin:
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        # Online calibration hooks the LoRA layers of these forward passes: eager even under torch_compile (the
+        # compiled graph would trace the hooks and hide the outputs' gradients); compiled steps start at step N.
+        eager = run_eagerly(model) if self.iw_callback.measuring else contextlib.nullcontext()
+        with eager:
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
         # name -> (value, coefficient): the term added to the training loss is coefficient·value.
         terms: dict[str, tuple[torch.Tensor, float]] = {}
         ga = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
@@ -258,13 +270,19 @@ class IWMixin:
         form, once. Added last, the step's gradient is ``Σ_micro g + α∇P`` for any accumulation split: exactly what
         the task gradient alone is up to its own summation order. The returned (reported) loss gains ``α·P`` there."""
         loss = super().training_step(model, inputs, *args, **kwargs)
-        if self._penalty_on and self.penalty_backend == "grad" and self.accelerator.sync_gradients:
-            alpha = self.iw_settings.alpha
-            value = self._penalty(model).add_grad_(self._grad_scale())
-            self.guard.track("IW penalty", value)
-            self._iw_track("iw_penalty", value, alpha)
-            loss = loss + alpha * value.to(loss.dtype)
-        return loss
+        return self.add_penalty_grad(model, loss) if self.accelerator.sync_gradients else loss
+
+    def add_penalty_grad(self, model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+        """``α·∇P`` into the LoRA factors' ``.grad`` (closed form, outside any compiled graph) and ``loss + α·P``, when
+        the penalty is on and uses the ``"grad"`` backend; else ``loss``. Once per optimizer step, after its last
+        backward: :meth:`training_step` calls it, and so can a loop that runs its own backward (a benchmark)."""
+        if not (self._penalty_on and self.penalty_backend == "grad"):
+            return loss
+        alpha = self.iw_settings.alpha
+        value = self._penalty(model).add_grad_(self._grad_scale())
+        self.guard.track("IW penalty", value)
+        self._iw_track("iw_penalty", value, alpha)
+        return loss + alpha * value.to(loss.dtype)
 
     def _grad_scale(self) -> float | torch.Tensor:
         """α, times the fp16 GradScaler's current scale (a device tensor: no host sync)."""

@@ -31,6 +31,7 @@ from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
+from .compiled import run_eagerly
 from .targets import LoraTarget, find_lora_targets, transformers_model, unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -273,7 +274,7 @@ def compute_sensitivities(
             for batch in iterator:
                 batch = send_to_device(batch, device, non_blocking=True)
                 n = loss_items(batch, shifts)
-                with amp:
+                with amp, run_eagerly(inner):  # compiled in place: hooks and autograd.grad need eager tensors
                     loss = loss_fn(inner, batch)
                 calls, recorder.calls = recorder.calls, []
                 if not calls:
