@@ -1,5 +1,8 @@
 """Reading the original GLUE TSV layout (``<glue_dir>/<Folder>/{train,dev,test}.tsv``), offline.
 
+``--glue_dir builtin`` reads the sample embedded in this package (``sample/``: 1,000 train and 375 dev rows of
+STS-B whose text is CC BY-SA, see ``sample/NOTICE.md``); it holds STS-B only.
+
 The result is a :class:`datasets.DatasetDict` shaped like the Hugging Face hub ``glue`` dataset (same split names,
 column names, label order and ``idx`` column). Every malformed input is a :class:`GlueDataError` naming the file,
 the row and what was expected.
@@ -21,6 +24,16 @@ from .tasks import GlueDataError, GlueTask, get_glue_task
 
 STSB_MIN_SCORE = 0.0
 STSB_MAX_SCORE = 5.0
+
+BUILTIN_GLUE_DIR = "builtin"
+"""The ``--glue_dir`` value that selects the embedded sample (a folder of that name needs ``./builtin``)."""
+SAMPLE_DIR: Path = Path(__file__).resolve().parent / "sample"
+"""The embedded sample, in the GLUE TSV layout (``SAMPLE_DIR/STS-B/{train,dev}.tsv``)."""
+SAMPLE_TASKS: tuple[str, ...] = ("stsb",)
+SAMPLE_DESCRIPTION = (
+    "1,000 train / 375 dev rows of STS-B (its images and SNLI captions), CC BY-SA 4.0, "
+    "see iwtrainer/glue/sample/NOTICE.md"
+)
 
 
 @dataclass
@@ -135,6 +148,14 @@ def load_glue_from_dir(glue_dir: str | os.PathLike[str], task_name: str) -> data
     task = get_glue_task(task_name)
     if not glue_dir:
         raise GlueDataError("--glue_dir is empty; expected the directory holding the GLUE task folders")
+    if str(glue_dir) == BUILTIN_GLUE_DIR:
+        if task.name not in SAMPLE_TASKS:
+            raise GlueDataError(
+                f"--glue_dir {BUILTIN_GLUE_DIR} is the embedded sample, which holds only --task_name "
+                f"{' / '.join(SAMPLE_TASKS)}; for --task_name {task.name} pass --glue_dir DIR with the original GLUE "
+                f"TSV layout (DIR/{task.folder}/train.tsv, dev.tsv), or no --glue_dir to load it from the hub"
+            )
+        glue_dir = SAMPLE_DIR
     root = Path(glue_dir).expanduser()
     if not root.is_dir():
         raise GlueDataError(
