@@ -96,24 +96,53 @@ def _base_shape(target: LoraTarget) -> tuple[int, int]:
     return w.shape[1], w.shape[0]
 
 
-class _CallRecorder:
-    """Forward hooks that keep ``(target index, input, output)`` of every LoRA-layer call while grad is on."""
+class _CallTaps:
+    """Forward hooks that route ``G_c = ∂L/∂Y_c`` of every LoRA-layer call (while grad is on) into ``sink`` *during*
+    the backward pass, with the call's input ``X_c``; neither is kept once it has been used.
 
-    def __init__(self, targets: list[LoraTarget]):
-        self.calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    Each output ``Y_c`` is replaced by ``Y_c + probe`` — ``probe`` a 0-dim leaf holding ``-0.0``, and ``y + (-0.0)``
+    is ``y`` bit for bit, signed zeros included — whose tensor hook receives ``G_c``. Differentiating the loss with
+    respect to ``probe`` alone then visits every call that reaches the loss and returns one scalar: no ``G_c`` is
+    captured as an output (``autograd.grad`` w.r.t. the outputs themselves would hold all of them, the size of the
+    layer outputs, until it returns) and no parameter's ``.grad`` is touched.
+    """
+
+    def __init__(self, targets: list[LoraTarget], sink: WeightGradNorms, device: torch.device):
+        self.sink = sink
+        self.probe = torch.full((), -0.0, device=device, requires_grad=True)
+        self.calls = 0  # this micro-batch's tapped calls
+        self.frozen: list[int] = []  # targets whose output did not require grad in this micro-batch
         self._handles = [t.module.register_forward_hook(self._hook(i)) for i, t in enumerate(targets)]
 
     def _hook(self, index: int):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if torch.is_grad_enabled():
-                self.calls.append((index, args[0], output))
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if not torch.is_grad_enabled():
+                return None
+            self.calls += 1
+            if not output.requires_grad:
+                self.frozen.append(index)
+                return None
+            tapped = output + self.probe
+            held = [args[0]]  # X_c until its gradient arrives, then released (the graph frees its own copy too)
+            sink = self.sink
+
+            def on_grad(g: torch.Tensor) -> None:
+                sink.add(index, g, held.pop())
+
+            tapped.register_hook(on_grad)
+            sink.expect(index)
+            return tapped
 
         return hook
+
+    def start_micro_batch(self) -> None:
+        self.calls = 0
+        self.frozen = []
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-        self.calls.clear()
+        self._handles = []
 
 
 def _samplers(dataloader: Any) -> list[Any]:
@@ -182,12 +211,6 @@ def add_weight_grad_(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> Non
         acc.addmm_(g2.t().to(acc.dtype), x2.to(acc.dtype))
 
 
-def _accumulate(accs: list[torch.Tensor], calls: list, grads: tuple) -> None:
-    for (index, x, _), g in zip(calls, grads):
-        if g is not None:  # None: this call did not reach the loss
-            add_weight_grad_(accs[index], g, x)
-
-
 def flat_buffers(targets: list[LoraTarget], device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One flat fp32 buffer and its per-target ``(d_out, d_in)`` views: one ``zero_()``, one all-reduce a batch."""
     shapes = [_base_shape(t) for t in targets]
@@ -197,6 +220,65 @@ def flat_buffers(targets: list[LoraTarget], device: torch.device) -> tuple[torch
         accs.append(flat[offset : offset + o * i].view(o, i))
         offset += o * i
     return flat, accs
+
+
+class WeightGradNorms:
+    """Per batch, ``‖Σ_c G_cᵀ X_c‖_F`` of every target, fed one call at a time from the backward pass.
+
+    ``buffered=False`` (one micro-batch per batch, one process): a target's sum exists only from its first call's
+    gradient to its last, in a temporary of its own size, and is reduced to its norm at once. ``buffered=True``
+    (gradient accumulation or data parallelism: the batch's sum spans micro-batches or ranks, so every target's sum
+    must outlive the backward pass): the sums live in the flat buffer of :func:`flat_buffers`, all-reduced before
+    the norms.
+    """
+
+    def __init__(self, targets: list[LoraTarget], device: torch.device, buffered: bool):
+        self.shapes = [_base_shape(t) for t in targets]
+        self.device = device
+        self.flat, self.accs = flat_buffers(targets, device) if buffered else (None, [])
+        self.norms = torch.zeros(len(targets), device=device, dtype=torch.float32)  # unbuffered: this batch's
+        self._partial: dict[int, torch.Tensor] = {}
+        self._expected = [0] * len(targets)
+        self._arrived = [0] * len(targets)
+
+    def expect(self, index: int) -> None:
+        """A call of target ``index`` whose gradient may arrive in this micro-batch's backward."""
+        self._expected[index] += 1
+
+    def add(self, index: int, g: torch.Tensor, x: torch.Tensor) -> None:
+        """Add ``Gᵀ X`` of one call of target ``index``."""
+        if self.flat is not None:
+            add_weight_grad_(self.accs[index], g, x)
+            return
+        acc = self._partial.get(index)
+        if acc is None:
+            acc = self._partial[index] = torch.zeros(self.shapes[index], device=self.device, dtype=torch.float32)
+        add_weight_grad_(acc, g, x)
+        self._arrived[index] += 1
+        if self._arrived[index] == self._expected[index]:
+            self._reduce(index)
+
+    def _reduce(self, index: int) -> None:
+        self.norms[index] = torch._foreach_norm([self._partial.pop(index)])[0]
+
+    def end_micro_batch(self) -> None:
+        """After a micro-batch's backward: sums of calls that never reached the loss are complete too."""
+        for index in list(self._partial):
+            self._reduce(index)
+        self._expected = [0] * len(self._expected)
+        self._arrived = [0] * len(self._arrived)
+
+    def batch_norms(self) -> torch.Tensor:
+        """The batch's per-target norms (fp32, on the device); under ``torch.distributed`` of the rank-summed sums."""
+        if self.flat is None:
+            return self.norms
+        if _distributed():
+            dist.all_reduce(self.flat)
+        return torch.stack(torch._foreach_norm(self.accs))
+
+    def zero_(self) -> None:
+        """Start a batch."""
+        (self.flat if self.flat is not None else self.norms).zero_()
 
 
 class Sensitivities(dict):
@@ -250,12 +332,14 @@ def compute_sensitivities(
     if loss_scale is None:
         loss_scale = 2.0**12 if autocast_dtype == torch.float16 else 1.0
 
-    flat, accs = flat_buffers(targets, device)
+    # One micro-batch per batch on one process: each target's sum is reduced to its norm during the backward pass;
+    # otherwise the batch's sums must outlive it (see the module docstring for the sizes).
+    sums = WeightGradNorms(targets, device, buffered=gradient_accumulation_steps > 1 or _distributed())
     totals = torch.zeros(len(targets), device=device, dtype=torch.float64)
     examples = torch.zeros((), device=device, dtype=torch.float64)
 
     was_training = inner.training
-    recorder = _CallRecorder(targets)
+    taps = _CallTaps(targets, sums, device)
     is_main = not _distributed() or dist.get_rank() == 0
     bar = tqdm(total=num_steps, desc="IW calibration", disable=not (show_progress and is_main), leave=False)
     amp = (
@@ -268,43 +352,40 @@ def compute_sensitivities(
     try:
         inner.eval()
         for _ in range(num_steps):
-            flat.zero_()
+            sums.zero_()
             examples.zero_()
             got = 0
             for batch in iterator:
                 batch = send_to_device(batch, device, non_blocking=True)
                 n = loss_items(batch, shifts)
+                taps.start_micro_batch()
                 with amp, run_eagerly(inner):  # compiled in place: hooks and autograd.grad need eager tensors
                     loss = loss_fn(inner, batch)
-                calls, recorder.calls = recorder.calls, []
-                if not calls:
+                if not taps.calls:
                     raise ValueError("calibration: no LoRA layer ran in the forward pass; check target_modules")
-                frozen = [targets[i].name for i, _, y in calls if not y.requires_grad]
-                if frozen:
+                if taps.frozen:
                     raise ValueError(
-                        f"calibration: the output of LoRA layer '{frozen[0]}' does not require grad; "
-                        "the LoRA parameters must be trainable (requires_grad=True)"
+                        f"calibration: the output of LoRA layer '{targets[taps.frozen[0]].name}' does not require "
+                        "grad; the LoRA parameters must be trainable (requires_grad=True)"
                     )
-                grads = torch.autograd.grad(
-                    loss.float() * (n * loss_scale), [y for _, _, y in calls], allow_unused=True
-                )
-                _accumulate(accs, calls, grads)
-                del calls, grads, loss
+                # The taps' hooks add every call's Gᵀ X as the backward pass reaches it; the result is one scalar.
+                torch.autograd.grad(loss.float() * (n * loss_scale), taps.probe, allow_unused=True)
+                del loss
+                sums.end_micro_batch()
                 examples += n
                 got += 1
                 if got == gradient_accumulation_steps:
                     break
             if got < gradient_accumulation_steps:
                 break  # data exhausted: only complete batches count
+            norms = sums.batch_norms().double()  # all-reduced across ranks (buffered)
             if _distributed():
-                dist.all_reduce(flat)
                 dist.all_reduce(examples)
-            norms = torch.stack(torch._foreach_norm(accs)).double()
             totals += norms / (examples * loss_scale)
             measured += 1
             bar.update(1)
     finally:
-        recorder.remove()
+        taps.remove()
         bar.close()
         inner.train(was_training)
         if hasattr(iterator, "close"):
