@@ -20,10 +20,10 @@ quantized ones with ``dtype=bfloat16`` (embeddings, norms, head): only the 72 ma
    over the matrices, relative difference per matrix (max, median), the max change of the penalty coefficients
    (1 − w)^β under ``sum`` and ``max`` normalisation, top-quarter overlap.
 2. **Step time**: bf16 LoRA, 4-bit LoRA and 4-bit IW-LoRA (α = 1e-4, coefficients from the 4-bit calibration) in
-   one process, each step what the Trainer does (``IWTrainer.compute_loss``, backward, AdamW step, zero_grad) under
-   bf16 autocast; ``benchmarks/bench_step.py``'s interleaved rounds (median ms/step) and adjacent-block paired ratio,
-   and its calibration cost (``--calib_steps`` batches on the 4-bit model, warmed up) as LoRA steps and as a share
-   of a 3-epoch SST-2 run.
+   one process, each step what the Trainer does (``IWTrainer.compute_loss``, backward, the penalty gradient, AdamW
+   step, zero_grad) under bf16 autocast; ``benchmarks/bench_step.py``'s interleaved rounds (median ms/step) and
+   adjacent-block paired ratio, and its calibration cost (``--calib_steps`` batches on the 4-bit model, warmed up)
+   as LoRA steps and as a share of a 3-epoch SST-2 run.
 3. **Peak memory**: ``torch.cuda.max_memory_allocated``, reset before each phase, one model on the GPU at a time:
    bf16 LoRA training steps, 4-bit LoRA training steps, 4-bit IW-LoRA calibration and 4-bit IW-LoRA training steps
    (no gradient checkpointing). Calibration keeps one fp32 gradient buffer the size of every adapted base weight
@@ -73,7 +73,7 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_step import calibration_cost, make_step, paired_ratio, random_batches, sst2_batches, time_methods  # noqa: E402
+from bench_step import calibration_cost, paired_ratio, random_batches, sst2_batches, time_methods  # noqa: E402
 
 from iwtrainer import IWTrainer, IWTrainingArguments, compute_sensitivities, find_lora_targets  # noqa: E402
 from iwtrainer.importance import importance_record  # noqa: E402
@@ -202,10 +202,28 @@ def _method(model: torch.nn.Module, alpha: float, out: str, sensitivities: dict 
     return trainer, model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
 
+def make_step(trainer: IWTrainer, model: torch.nn.Module, opt: torch.optim.Optimizer):
+    """One optimizer step as the Trainer's ``training_step`` + optimizer make it: ``compute_loss`` under bf16 autocast
+    (on GPU), backward, IW's closed-form penalty gradient into ``.grad`` (``add_penalty_grad``; nothing for LoRA),
+    AdamW step, zero_grad — bench_step's step, kept here so that the penalty is in it whatever bench_step's state."""
+    device_type = "cuda" if _cuda() else "cpu"
+
+    def step(batch: dict) -> None:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+            loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        trainer.add_penalty_grad(model, loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        trainer.state.global_step += 1
+
+    return step
+
+
 def _require_penalty(trainer: IWTrainer) -> None:
-    """An IW-LoRA step must be the Trainer's, penalty included (its value is logged wherever it is added)."""
+    """An IW-LoRA step must carry the penalty (its value is logged wherever it is added)."""
     if "iw_penalty" not in trainer._iw_logs:
-        raise RuntimeError("bench_step.make_step ran an IW-LoRA step without the IW penalty (add_penalty_grad)")
+        raise RuntimeError("an IW-LoRA step ran without the IW penalty")
 
 
 def _calibrate(model: torch.nn.Module, variant: str, batches: list[dict], n: int):
@@ -293,7 +311,7 @@ def _memory_of(out: dict, loader: Loader, variant: str, alpha: float, batches: l
         _phase(out, f"{name}_calibration", lambda: sens.update(_calibrate(model, variant, batches, n)),
                calib_batches=n, **info)  # fmt: skip
     method = _method(model, alpha, tmp, sens)
-    step = make_step(name, *method)
+    step = make_step(*method)
     _phase(out, name, lambda: [step(b) for b in batches[: args.mem_steps]], steps=args.mem_steps, **info)
     if alpha:
         _require_penalty(method[0])
@@ -316,7 +334,7 @@ def timing(loader: Loader, sens_nf4: dict, batches: list[dict], args: argparse.N
         "nf4_lora": _method(loader.lora("nf4"), 0.0, tmp),
         "nf4_iw_lora": _method(loader.lora("nf4"), ALPHA, tmp, sens_nf4),
     }
-    steps = {k: make_step(k, *v) for k, v in methods.items()}
+    steps = {k: make_step(*v) for k, v in methods.items()}
     steps["nf4_iw_lora"](batches[0])
     _require_penalty(methods["nf4_iw_lora"][0])
     rounds = time_methods(steps, batches, args.rounds, args.steps)
