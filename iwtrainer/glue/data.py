@@ -308,4 +308,5 @@ def data_collator_for(tokenizer: Any, data_args: DataTrainingArguments, training
 
     if data_args.pad_to_max_length:
         return default_data_collator
-    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training_args.fp16 else None)
+    multiple = data_args.pad_to_multiple_of or (8 if training_args.fp16 else None)  # fp16 tensor cores: 8
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)

@@ -37,10 +37,10 @@ _TRAINING_KEYS = (
     "iw_normalize", "iw_penalty", "iw_calibration",
 )  # fmt: skip
 # Settings added after run_settings.json first shipped: a file without one was written with its default.
-_LATER_DEFAULTS = {"iw_calibration": IWSettings.calibration}
+_LATER_DEFAULTS = {"iw_calibration": IWSettings.calibration, "pad_to_multiple_of": None}
 _DATA_KEYS = (
     "task_name", "dataset_name", "dataset_config_name", "train_file", "max_train_samples", "max_seq_length",
-    "pad_to_max_length",
+    "pad_to_max_length", "pad_to_multiple_of",
 )  # fmt: skip
 
 

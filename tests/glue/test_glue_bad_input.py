@@ -49,6 +49,14 @@ PARSE_CASES = {
                               ["--iw_normalize", "invalid choice: 'softmax'", "'sum', 'max', 'uniform'"]),
     "calibration steps < 1": (lambda tmp: ["--iw_calib_steps", "0"], 1, ["iw_calib_steps must be an integer >= 1"]),
     "max_seq_length <= 0": (lambda tmp: ["--max_seq_length", "0"], 1, ["--max_seq_length must be a positive integer"]),
+    "pad multiple <= 0": (lambda tmp: ["--pad_to_max_length", "false", "--pad_to_multiple_of", "0"], 1,
+                          ["--pad_to_multiple_of must be a positive integer, got 0"]),
+    "pad multiple without dynamic padding": (lambda tmp: ["--pad_to_multiple_of", "32"], 1,
+                                             ["--pad_to_multiple_of 32 pads dynamic batches",
+                                              "--pad_to_max_length false"]),
+    "pad multiple past max_seq_length": (
+        lambda tmp: ["--pad_to_max_length", "false", "--pad_to_multiple_of", "48", "--max_seq_length", "128"], 1,
+        ["--pad_to_multiple_of 48 must divide --max_seq_length 128"]),
     "batch size 0": (lambda tmp: ["--per_device_train_batch_size", "0"], 1,
                      ["--per_device_train_batch_size must be an integer >= 1, got 0"]),
     "unknown adapter": (lambda tmp: ["--adapter", "lokr"], 2, ["--adapter", "invalid choice: 'lokr'", "'eva'"]),
@@ -82,12 +90,19 @@ def test_unknown_yaml_key_is_named_with_a_suggestion(tmp_path):
 
 # ---- data, files and runs (load the real encoder and GLUE rows) -----------------------------------------------------
 def glue_copy(tmp_path: Path, train_lines: list[str]) -> Path:
-    """A GLUE dir whose RTE/train.tsv is ``train_lines`` (dev.tsv is the real one)."""
+    """A GLUE dir whose RTE/train.tsv is ``train_lines`` (dev.tsv: the real one, else one synthetic row)."""
     root = tmp_path / "glue"
     (root / "RTE").mkdir(parents=True)
     (root / "RTE" / "train.tsv").write_text("\n".join(train_lines) + "\n")
-    (root / "RTE" / "dev.tsv").write_text((GLUE / "RTE" / "dev.tsv").read_text())
+    dev = GLUE / "RTE" / "dev.tsv"
+    rows = dev.read_text() if dev.is_file() else "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n"
+    (root / "RTE" / "dev.tsv").write_text(rows)
     return root
+
+
+def rte_copy(tmp_path: Path, train_lines: list[str]) -> list[str]:
+    """``--glue_dir`` of :func:`glue_copy` and ``--task_name rte`` (base_args runs STS-B without ../shared)."""
+    return ["--glue_dir", str(glue_copy(tmp_path, train_lines)), "--task_name", "rte"]
 
 
 def csv_file(path: Path, lines: list[str]) -> Path:
@@ -103,13 +118,13 @@ def custom_files(tmp: Path, train_lines: list[str]) -> list[str]:
 
 BAD_INPUTS = {
     "unknown task": (lambda tmp: ["--task_name", "mnli2"], ["--task_name 'mnli2'", "expected one of"]),
-    "glue_dir without the task": (lambda tmp: ["--glue_dir", str(tmp)], ["--glue_dir", "has no folder RTE/"]),
+    "glue_dir without the task": (lambda tmp: ["--glue_dir", str(tmp)], ["--glue_dir", "has no folder "]),
     "tsv missing a column": (
-        lambda tmp: ["--glue_dir", str(glue_copy(tmp, ["index\tsentence1\tlabel", "0\ta\tentailment"]))],
+        lambda tmp: rte_copy(tmp, ["index\tsentence1\tlabel", "0\ta\tentailment"]),
         ["train.tsv", "missing required column(s) ['sentence2']"],
     ),
     "label outside the task's set": (
-        lambda tmp: ["--glue_dir", str(glue_copy(tmp, ["index\tsentence1\tsentence2\tlabel", "0\ta\tb\tmaybe"]))],
+        lambda tmp: rte_copy(tmp, ["index\tsentence1\tsentence2\tlabel", "0\ta\tb\tmaybe"]),
         ["train.tsv", "label 'maybe'", "expected one of ['entailment', 'not_entailment']"],
     ),
     "targets matching nothing": (
@@ -129,7 +144,7 @@ BAD_INPUTS = {
         ["--iw_alpha 0.01", "--adapter wsa"],
     ),
     "train TSV with only a header": (
-        lambda tmp: ["--glue_dir", str(glue_copy(tmp, ["index\tsentence1\tsentence2\tlabel"]))],
+        lambda tmp: rte_copy(tmp, ["index\tsentence1\tsentence2\tlabel"]),
         ["--do_train", "the 'train' split", "has no rows"],
     ),
     "empty CSV train file": (lambda tmp: custom_files(tmp, []), ["--train_file", "train.csv' is empty", "header row"]),
@@ -137,8 +152,7 @@ BAD_INPUTS = {
         lambda tmp: custom_files(tmp, ["sentence,label"]), ["--train_file", "has a header but no rows"],
     ),
     "predict without a test split": (
-        lambda tmp: ["--glue_dir", str(glue_copy(tmp, ["index\tsentence1\tsentence2\tlabel", "0\ta\tb\tentailment"])),
-                     "--do_predict"],
+        lambda tmp: [*rte_copy(tmp, ["index\tsentence1\tsentence2\tlabel", "0\ta\tb\tentailment"]), "--do_predict"],
         ["--do_predict needs a 'test' split", "--glue_dir"],
     ),
 }  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tiny import tiny_base
+from tiny import tiny_base, tiny_tokenizer
 from transformers import DataCollatorWithPadding, EvalPrediction, default_data_collator
 
 from iwtrainer import IWTrainingArguments
@@ -39,6 +39,15 @@ def test_collator_pads_to_max_length_or_dynamically(tmp_path):
     assert data_collator_for(None, DataTrainingArguments(task_name="rte"), args) is default_data_collator
     dynamic = data_collator_for(object(), DataTrainingArguments(task_name="rte", pad_to_max_length=False), args)
     assert isinstance(dynamic, DataCollatorWithPadding) and dynamic.pad_to_multiple_of is None
+
+
+def test_collator_pads_to_a_multiple_so_compiled_models_see_few_shapes(tmp_path):
+    args = IWTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    data = DataTrainingArguments(task_name="rte", pad_to_max_length=False, pad_to_multiple_of=16, max_seq_length=64)
+    collate = data_collator_for(tiny_tokenizer(), data, args)
+    widths = [collate([{"input_ids": [4] * n, "label": 0}, {"input_ids": [5] * 3, "label": 1}])["input_ids"].shape[1]
+              for n in (1, 15, 16, 17, 40, 64)]  # fmt: skip
+    assert widths == [16, 16, 16, 32, 48, 64]
 
 
 def test_compute_metrics_uses_the_glue_metric_or_accuracy_and_mse():
