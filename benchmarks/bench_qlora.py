@@ -26,8 +26,10 @@ quantized ones with ``dtype=bfloat16`` (embeddings, norms, head): only the 72 ma
    as LoRA steps and as a share of a 3-epoch SST-2 run.
 3. **Peak memory**: ``torch.cuda.max_memory_allocated``, reset before each phase, one model on the GPU at a time:
    bf16 LoRA training steps, 4-bit LoRA training steps, 4-bit IW-LoRA calibration and 4-bit IW-LoRA training steps
-   (no gradient checkpointing). Calibration keeps one fp32 gradient buffer the size of every adapted base weight
-   (``4 × Σ d_out·d_in`` bytes, stated beside the measured peaks as computed from the shapes).
+   (no gradient checkpointing). Calibration is measured twice: with one micro-batch per batch (what this run's
+   Trainer does: each target's gradient lives only in a temporary of its own size) and with gradient accumulation 2
+   (then it keeps one flat fp32 buffer of every adapted base weight's gradient, as under DDP: ``4 × Σ d_out·d_in``
+   bytes, stated beside the measured peaks as computed from the shapes).
 
 Output: ``--out PREFIX`` writes ``PREFIX.json`` (every number, the per-matrix sensitivities of every variant,
 versions, device, command line) and ``PREFIX.md`` (each number and whether it meets the checks: IW/LoRA step
@@ -226,9 +228,10 @@ def _require_penalty(trainer: IWTrainer) -> None:
         raise RuntimeError("an IW-LoRA step ran without the IW penalty")
 
 
-def _calibrate(model: torch.nn.Module, variant: str, batches: list[dict], n: int):
+def _calibrate(model: torch.nn.Module, variant: str, batches: list[dict], n: int, ga: int = 1):
     autocast = None if variant == "fp32" else torch.bfloat16
-    return compute_sensitivities(model, batches, num_steps=n, autocast_dtype=autocast, show_progress=False)
+    return compute_sensitivities(model, batches, num_steps=n, gradient_accumulation_steps=ga, autocast_dtype=autocast,
+                                 show_progress=False)  # fmt: skip
 
 
 def compare(ref: dict[str, float], other: dict[str, float]) -> dict:
@@ -309,7 +312,10 @@ def _memory_of(out: dict, loader: Loader, variant: str, alpha: float, batches: l
         info["calibration_buffer_gib"] = calibration_buffer_gib(model)
         n = min(args.calib_steps, 4)
         _phase(out, f"{name}_calibration", lambda: sens.update(_calibrate(model, variant, batches, n)),
-               calib_batches=n, **info)  # fmt: skip
+               calib_batches=n, gradient_accumulation_steps=1, **info)  # fmt: skip
+        n2 = max(1, min(n, len(batches) // 2))
+        _phase(out, f"{name}_calibration_ga2", lambda: _calibrate(model, variant, batches, n2, ga=2),
+               calib_batches=n2, gradient_accumulation_steps=2, **info)  # fmt: skip
     method = _method(model, alpha, tmp, sens)
     step = make_step(*method)
     _phase(out, name, lambda: [step(b) for b in batches[: args.mem_steps]], steps=args.mem_steps, **info)
@@ -459,16 +465,18 @@ def to_markdown(r: dict) -> str:
         "|---|---:|---:|---:|",
     ]
     for k, v in mem.items():
-        what = (
-            f"{k} ({v['calib_batches']} calibration batches)" if "calib_batches" in v else f"{k} (steps: {v['steps']})"
-        )
+        if "calib_batches" in v:
+            what = f"{k} ({v['calib_batches']} batches × {v['gradient_accumulation_steps']} micro-batches)"
+        else:
+            what = f"{k} (training steps: {v['steps']})"
         lines.append(f"| {what} | {_fmt(v['peak_gib'], '.3f')} | {_fmt(v['resident_before_gib'], '.3f')} | "
                      f"{v['model_footprint_gib']:.3f} |")  # fmt: skip
     buffer = mem["nf4_iw_lora"]["calibration_buffer_gib"]
     lines += [
         "",
-        f"Calibration's fp32 gradient buffer for these {s['targets']} matrices, computed from their shapes (not "
-        f"measured): {buffer:.3f} GiB. Model footprint: `get_memory_footprint()` of the peft model.",
+        f"The flat fp32 buffer that calibration keeps under gradient accumulation (and DDP) for these "
+        f"{s['targets']} matrices, computed from their shapes (not measured): {buffer:.3f} GiB; with one micro-batch "
+        "per batch on one process there is none. Model footprint: `get_memory_footprint()` of the peft model.",
         "",
     ]
     return "\n".join(lines)

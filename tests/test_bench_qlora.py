@@ -32,7 +32,8 @@ def test_json_has_every_field(result):
     assert {"torch", "transformers", "peft", "bitsandbytes", "python"} <= set(r["versions"])
     s = r["setup"]
     assert (s["targets"], s["heads"], s["variants"]) == (12, ["classifier"], ["bf16", "nf4", "int8", "fp32"])
-    assert set(r["memory"]) == {"bf16_lora", "nf4_lora", "nf4_iw_lora_calibration", "nf4_iw_lora"}
+    phases = {"bf16_lora", "nf4_lora", "nf4_iw_lora_calibration", "nf4_iw_lora_calibration_ga2", "nf4_iw_lora"}
+    assert set(r["memory"]) == phases
     assert all(m["peak_gib"] is None for m in r["memory"].values())  # no CUDA memory numbers on a CPU
     assert r["memory"]["nf4_iw_lora"]["calibration_buffer_gib"] == 4 * 2 * (4 * 64 * 64 + 2 * 64 * 128) / 2**30
     t = r["step_time"]
@@ -91,4 +92,4 @@ def test_markdown_states_the_checks(result):
     assert "TINY CPU MODE" in md and "mean nothing" in md
     for c in r["checks"]:
         assert c["check"] in md
-    assert md.count("not measured") >= 2 + 4  # the two memory checks and the four peak cells
+    assert md.count("not measured") >= 2 + 5  # the two memory checks and the five peak cells
