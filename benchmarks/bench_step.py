@@ -10,6 +10,24 @@ run, and how stable the importance ranking is when fewer calibration batches are
 150-batch estimate).
 
     python benchmarks/bench_step.py --minilm PATH --sst2 DIR --out benchmarks/results
+
+``--compile none,default,reduce-overhead`` adds eager vs ``torch.compile`` step times of LoRA, IW-LoRA and ΔL2 in
+the same process (the model compiled as the Trainer's ``torch_compile=True`` compiles it, ``--compile_backend``
+inductor by default), with each method × mode's compile time (its warm-up: one pass over every batch shape) reported
+apart from its steady ms/step, and the graphs compiled, graph breaks and recompiles while timing (there should be
+none). ``--pad_to_multiple_of 32`` pads each SST-2 batch to a multiple of 32 tokens instead of ``--seq``: a few
+shapes that repeat, which CUDA graphs (``reduce-overhead``) need. ``--compile_only`` skips everything else. The GPU
+run (all-mpnet-base-v2, real SST-2 batches):
+
+    python benchmarks/bench_step.py --model /tmp/models/all-mpnet-base-v2 --sst2 .gpu/glue/SST-2 --compile_only \
+        --compile none,default,reduce-overhead,max-autotune-no-cudagraphs --pad_to_multiple_of 32 \
+        --out benchmarks/results --name compile_step_time
+
+and a CPU smoke run of the same code (tiny, seconds; ``aot_eager`` instead of inductor's C++ compile):
+
+    python benchmarks/bench_step.py --model ../shared/models/all-MiniLM-L6-v2 --sst2 ../shared/data/glue/SST-2 \
+        --compile_only --compile none,default --compile_backend aot_eager --batch 4 --seq 32 --pad_to_multiple_of 16 \
+        --rounds 2 --steps 2 --out /tmp/bench_smoke
 """
 
 from __future__ import annotations
@@ -54,7 +72,10 @@ LORA_TARGETS = {
     "deberta-v2": [
         "query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"
     ],
+    "mpnet": ["q", "k", "v", "o", "intermediate.dense", "output.dense"],
 }  # fmt: skip
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+COMPILE_METHODS = {"lora": (0.0, "sum"), "iw_lora": (1e-4, "sum"), "delta_l2": (1e-4, "uniform")}  # α, normalize
 
 
 def _targets(model: torch.nn.Module) -> list[str]:
@@ -68,8 +89,10 @@ def _lora(base: torch.nn.Module, r: int = 8) -> torch.nn.Module:
     return get_peft_model(base, cfg)
 
 
-def _trainer(model: torch.nn.Module, alpha: float, out: str, **kw) -> IWTrainer:
-    args = IWTrainingArguments(output_dir=out, iw_alpha=alpha, report_to="none", bf16=torch.cuda.is_available())
+def _trainer(model: torch.nn.Module, alpha: float, out: str, normalize: str = "sum", **kw) -> IWTrainer:
+    args = IWTrainingArguments(
+        output_dir=out, iw_alpha=alpha, iw_normalize=normalize, report_to="none", bf16=torch.cuda.is_available()
+    )
     return IWTrainer(model=model, args=args, **kw)
 
 
@@ -95,7 +118,7 @@ def build_methods(base: torch.nn.Module, batches: list[dict], out: str) -> dict[
     methods["full"] = (_trainer(full, 0.0, out), full)
 
     try:  # AdaLoRA: peft's own, with the update_and_allocate call the Trainer would make after each step
-        from iwtrainer.adalora import adalora_config
+        from iwtrainer.methods.adalora import adalora_config
 
         ada_cfg = adalora_config(
             _targets(base), lora_r=8, lora_alpha=16, total_step=10_000, modules_to_save=["classifier"]
@@ -105,7 +128,7 @@ def build_methods(base: torch.nn.Module, batches: list[dict], out: str) -> dict[
     except ImportError:
         pass
     try:
-        from iwtrainer.wsa import WSAConfig, apply_wsa, wsa_gate_l1
+        from iwtrainer.methods.wsa import WSAConfig, apply_wsa, wsa_gate_l1
 
         wsa = apply_wsa(
             copy.deepcopy(base), WSAConfig(r_init=16, target_modules=_targets(base), modules_to_save=["classifier"])
@@ -119,20 +142,31 @@ def build_methods(base: torch.nn.Module, batches: list[dict], out: str) -> dict[
     }
 
 
-def make_step(name: str, trainer: IWTrainer, model: torch.nn.Module, opt: torch.optim.Optimizer) -> Callable:
+def make_step(
+    name: str,
+    trainer: IWTrainer,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    runner: torch.nn.Module | None = None,
+) -> Callable:
+    """One Trainer step: ``compute_loss`` through ``runner`` (the compiled wrapper, else the model) under bf16
+    autocast, backward, IW's closed-form penalty gradient after it (``add_penalty_grad``, as ``training_step`` adds
+    it), optimizer step, zero_grad."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     counter = {"step": 0}
+    runner = model if runner is None else runner
 
     def step(batch: dict) -> None:
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
-            loss = trainer.compute_loss(model, batch)
+            loss = trainer.compute_loss(runner, batch)
         loss.backward()
+        trainer.add_penalty_grad(runner, loss)  # α·∇P into .grad: the "grad" backend adds nothing in compute_loss
         opt.step()
         if name == "adalora":  # what AdaLoraCallback does at on_optimizer_step
             model.base_model.update_and_allocate(counter["step"])
         opt.zero_grad(set_to_none=True)
         counter["step"] += 1
-        trainer.state.global_step += 1  # as the Trainer does: IW injects its penalty gradient once per step
+        trainer.state.global_step += 1
 
     return step
 
@@ -328,16 +362,19 @@ def ranking_stability(model: torch.nn.Module, batches: list[dict], ns: list[int]
     return out
 
 
-def sst2_batches(model_dir: str, sst2_dir: str, n: int, batch: int, seq: int, device: str) -> list[dict]:
+def sst2_batches(
+    model_dir: str, sst2_dir: str, n: int, batch: int, seq: int, device: str, multiple: int | None = None
+) -> list[dict]:
+    """``n`` batches of SST-2 training rows, each padded to ``seq`` tokens, or with ``multiple`` to the smallest
+    multiple of it that holds the batch's longest row (a few shapes, as ``run_glue_iw.py --pad_to_multiple_of``)."""
     tok = AutoTokenizer.from_pretrained(model_dir)
     with open(os.path.join(sst2_dir, "train.tsv"), newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[: n * batch]
+    padding = {"padding": "longest", "pad_to_multiple_of": multiple} if multiple else {"padding": "max_length"}
     out = []
     for s in range(0, len(rows), batch):
         chunk = rows[s : s + batch]
-        enc = tok(
-            [r["sentence"] for r in chunk], padding="max_length", truncation=True, max_length=seq, return_tensors="pt"
-        )
+        enc = tok([r["sentence"] for r in chunk], truncation=True, max_length=seq, return_tensors="pt", **padding)
         enc["labels"] = torch.tensor([int(r["label"]) for r in chunk])
         out.append({k: v.to(device) for k, v in enc.items()})
     return out
@@ -394,6 +431,159 @@ def bench_model(label: str, base: torch.nn.Module, batches: list[dict], args: ar
     return result
 
 
+def _dynamo_stats() -> dict[str, int]:
+    """Dynamo's process-wide counts: frames compiled (a recompile is one more), graphs, graph breaks."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "frames": counters["frames"]["total"],
+        "graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+    }
+
+
+def _compile_kwargs(mode: str, backend: str) -> dict:
+    """``torch.compile``'s arguments for a ``--compile`` mode: what the Trainer's ``torch_compile_backend`` /
+    ``torch_compile_mode`` make accelerate pass (modes are inductor's)."""
+    if backend != "inductor" and mode != "default":
+        raise SystemExit(f"--compile {mode} is an inductor mode; with --compile_backend {backend} use none,default")
+    return {"backend": backend, **({"mode": mode} if backend == "inductor" else {})}
+
+
+def build_compiled(base: torch.nn.Module, batches: list[dict], args: argparse.Namespace) -> dict[str, Callable]:
+    """``method@mode`` -> its step, for LoRA, IW-LoRA and ΔL2 in every ``--compile`` mode; each its own model (the
+    same LoRA initialisation everywhere), trainer and optimizer, compiled as the Trainer compiles (``torch.compile``
+    of the whole peft model; ``none`` = eager)."""
+    sens = compute_sensitivities(_lora(copy.deepcopy(base)), batches[:4], num_steps=4, show_progress=False)
+    records = {
+        "iw_lora": importance_record(sens, "sum", 1.0),
+        "delta_l2": importance_record(dict.fromkeys(sens), "uniform", 1.0),  # every coefficient 1, nothing measured
+    }
+    steps = {}
+    for method, (alpha, normalize) in COMPILE_METHODS.items():
+        for mode in args.compile:
+            torch.manual_seed(0)
+            model = _lora(copy.deepcopy(base))
+            trainer = _trainer(model, alpha, args.tmp, normalize)
+            if method in records:
+                trainer.iw_callback.record = records[method]
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+            runner = model if mode == "none" else torch.compile(model, **_compile_kwargs(mode, args.compile_backend))
+            steps[f"{method}@{mode}"] = make_step(method, trainer, model, opt, runner)
+    return steps
+
+
+def bench_compiled(label: str, base: torch.nn.Module, batches: list[dict], args: argparse.Namespace) -> dict:
+    """Eager vs compiled LoRA / IW-LoRA / ΔL2: compile time (warm-up over every batch shape) apart from the steady
+    ms/step (``time_methods``' interleaved rounds), and whether anything recompiled while timing."""
+    device = batches[0]["input_ids"].device
+    base = base.to(device)
+    # Sequence classifiers set config.problem_type in their first forward and dynamo recompiles for it once: set
+    # beforehand (to what that forward sets) so each compile time is one compile.
+    base.config.problem_type = "single_label_classification" if base.config.num_labels > 1 else "regression"
+    torch._dynamo.config.recompile_limit = 64  # 8 by default; method × mode × shape compiles of one forward
+    steps = build_compiled(base, batches, args)
+    eager = [fn for name, fn in steps.items() if name.endswith("@none")]
+    if eager:  # the process's one-time costs (allocator, thread pools, first kernels) charged to no one's warm-up
+        eager[0](batches[0])
+    shapes = {}
+    for b in batches:  # one batch of every shape: the warm-up compiles (and records CUDA graphs) for each
+        shapes.setdefault(tuple(b["input_ids"].shape), b)
+    warm: dict[str, dict] = {}
+    for name, fn in steps.items():
+        before = _dynamo_stats()
+        _sync()
+        t0 = time.perf_counter()
+        try:
+            for b in shapes.values():
+                for _ in range(3):  # reduce-overhead: a warm-up run, the CUDA graph's recording, a replay
+                    fn(b)
+        except Exception as exc:  # one failing mode must not cost the GPU run the others
+            warm[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+            print(label, name, "failed:", warm[name]["error"], flush=True)
+            continue
+        _sync()
+        after = _dynamo_stats()
+        warm[name] = {"warmup_s": time.perf_counter() - t0, "warmup_steps": 3 * len(shapes)}
+        warm[name].update({k: after[k] - before[k] for k in after})
+        print(label, name, "warm-up", json.dumps(warm[name]), flush=True)
+    steps = {k: v for k, v in steps.items() if "error" not in warm[k]}
+    before = _dynamo_stats()
+    timing = time_methods(steps, batches, args.rounds, args.steps)
+    during = {k: v - before[k] for k, v in _dynamo_stats().items()}
+    out: dict[str, dict] = {}
+    for name, w in warm.items():
+        method, mode = name.split("@")
+        entry = dict(w)
+        if name in timing:
+            t = timing[name]
+            entry.update(t)
+            if mode != "none":
+                entry["compile_s"] = w["warmup_s"] - w["warmup_steps"] * t["ms_per_step"] / 1000
+            if f"{method}@none" in timing:
+                entry["ratio_vs_eager"] = t["ms_per_step"] / timing[f"{method}@none"]["ms_per_step"]
+        out.setdefault(method, {})[mode] = entry
+    result = {
+        "model": label,
+        "backend": args.compile_backend,
+        "modes": list(args.compile),
+        "batch": batches[0]["input_ids"].shape[0],
+        "shapes": [list(s) for s in shapes],
+        "dynamo_while_timing": during,  # all zero: nothing compiled, recompiled or broke during the timed steps
+        "methods": out,
+    }
+    print(label, "compiled", json.dumps(result), flush=True)
+    return result
+
+
+def compiled_markdown(r: dict) -> list[str]:
+    modes = r["modes"]
+    lines = [
+        f"## {r['model']}: eager vs torch.compile ({r['backend']}), batch {r['batch']}, shapes "
+        f"{', '.join('×'.join(map(str, s)) for s in r['shapes'])}",
+        "",
+        "| method | " + " | ".join(f"{m} ms/step (× eager)" for m in modes) + " |",
+        "|---|" + "---:|" * len(modes),
+    ]
+    for method, by_mode in r["methods"].items():
+        cells = []
+        for m in modes:
+            e = by_mode.get(m, {})
+            cells.append(
+                e["error"] if "error" in e else f"{e['ms_per_step']:.2f} ({e.get('ratio_vs_eager', float('nan')):.3f})"
+            )
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    compiled = [m for m in modes if m != "none"]
+    lines += [
+        "",
+        "Compile time (the warm-up over every shape, 3 steps each, minus those steps at the steady speed); frames / "
+        "graphs compiled / graph breaks. A method with 0 frames reused the graphs an earlier method compiled in this "
+        "process (the same model code: dynamo's guards pass); a training run compiles once per process, so its "
+        "compile cost is the mode's first row.",
+        "",
+        "| method | " + " | ".join(compiled) + " |",
+        "|---|" + "---:|" * len(compiled),
+    ]
+    for method, by_mode in r["methods"].items():
+        cells = []
+        for m in compiled:
+            e = by_mode.get(m, {})
+            cells.append(
+                "–"
+                if "compile_s" not in e
+                else f"{e['compile_s']:.1f} s, {e['frames']} / {e['graphs']} / {e['graph_breaks']}"
+            )
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    d = r["dynamo_while_timing"]
+    lines += [
+        "",
+        f"While timing: {d['frames']} frames compiled, {d['graphs']} graphs, {d['graph_breaks']} graph breaks "
+        "(0 = every timed step ran the graphs of its warm-up).",
+        "",
+    ]
+    return lines
+
+
 def to_markdown(results: dict) -> str:
     lines = [
         "# Step time and memory: LoRA vs IW-LoRA and the other methods",
@@ -440,6 +630,8 @@ def to_markdown(results: dict) -> str:
                 f"**{100 * c['calib_share_of_sst2_run']:.2f} %** of the run.",
             ]
         lines.append("")
+    for r in results.get("compiled", []):
+        lines += compiled_markdown(r)
     if "ranking_stability" in results:
         s = results["ranking_stability"]
         lines += [
@@ -464,10 +656,20 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def run_model(label: str, base: torch.nn.Module, batches: list[dict], args: argparse.Namespace, results: dict) -> None:
+    """The method comparison (unless ``--compile_only``) and the ``--compile`` comparison of one model."""
+    if not args.compile_only:
+        results["models"].append(bench_model(label, base, batches, args))
+        print(json.dumps(results["models"][-1], indent=1), flush=True)
+    if args.compile:
+        results["compiled"].append(bench_compiled(label, base, batches, args))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minilm", help="all-MiniLM-L6-v2 folder (real weights)")
-    p.add_argument("--sst2", help="GLUE SST-2 folder (train.tsv) for real MiniLM batches")
+    p.add_argument("--minilm", "--model", dest="model", help="a local encoder folder (real weights, BERT or MPNet "
+                   "layout): all-MiniLM-L6-v2, all-mpnet-base-v2")  # fmt: skip
+    p.add_argument("--sst2", help="GLUE SST-2 folder (train.tsv) for real batches")
     p.add_argument("--deberta", action="store_true", help="also a random DeBERTa-v3-base-shaped model")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
@@ -480,7 +682,18 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", default="step_time")
     p.add_argument("--tmp", default="/tmp/iw_bench")
+    p.add_argument("--compile", default="", help=f"comma-separated modes of {COMPILE_MODES}: eager vs compiled "
+                   "LoRA / IW-LoRA / ΔL2 (none = eager)")  # fmt: skip
+    p.add_argument("--compile_backend", default="inductor", help="torch.compile backend (aot_eager: CPU smoke runs)")
+    p.add_argument("--compile_only", action="store_true", help="only the --compile comparison")
+    p.add_argument("--pad_to_multiple_of", type=int, help="pad SST-2 batches to a multiple of this, not to --seq")
     args = p.parse_args()
+    args.compile = [m for m in args.compile.split(",") if m]
+    unknown = [m for m in args.compile if m not in COMPILE_MODES]
+    if unknown or (args.compile_only and not args.compile):
+        p.error(f"--compile takes modes of {COMPILE_MODES} (comma-separated), got {unknown or 'none'}")
+    if args.pad_to_multiple_of and args.seq % args.pad_to_multiple_of:
+        p.error(f"--pad_to_multiple_of {args.pad_to_multiple_of} must divide --seq {args.seq}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = True
     results = {
@@ -489,24 +702,24 @@ def main() -> None:
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "models": [],
+        "compiled": [],
     }
-    n_batches = max(args.calib_steps, 40)
-    if args.minilm:
-        batches = sst2_batches(args.minilm, args.sst2, n_batches, args.batch, args.seq, device)
-        base = AutoModelForSequenceClassification.from_pretrained(args.minilm, num_labels=2)
-        results["models"].append(bench_model("all-MiniLM-L6-v2 (real weights, SST-2 batches)", base, batches, args))
-        if args.stability:
+    n_batches = 40 if args.compile_only else max(args.calib_steps, 40)
+    if args.model:
+        batches = sst2_batches(args.model, args.sst2, n_batches, args.batch, args.seq, device, args.pad_to_multiple_of)
+        base = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
+        label = f"{Path(args.model).name} (real weights, SST-2 batches)"
+        run_model(label, base, batches, args, results)
+        if args.stability and not args.compile_only:
             ns = [int(x) for x in args.stability.split(",")]
             lora = _lora(copy.deepcopy(base)).to(device)
             results["ranking_stability"] = ranking_stability(lora, batches, ns, args.calib_steps)
-        print(json.dumps(results["models"][-1], indent=1), flush=True)
     if args.deberta:
         cfg = deberta_v3_base_config()
         torch.manual_seed(0)
         base = AutoModelForSequenceClassification.from_config(cfg)
         batches = random_batches(cfg.vocab_size, n_batches, args.batch, args.seq, device)
-        results["models"].append(bench_model("DeBERTa-v3-base shapes (random init)", base, batches, args))
-        print(json.dumps(results["models"][-1], indent=1), flush=True)
+        run_model("DeBERTa-v3-base shapes (random init)", base, batches, args, results)
     os.makedirs(args.out, exist_ok=True)
     Path(args.out, f"{args.name}.json").write_text(json.dumps(results, indent=1))
     md = to_markdown(results)
