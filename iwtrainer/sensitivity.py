@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -96,6 +97,9 @@ def _base_shape(target: LoraTarget) -> tuple[int, int]:
     return w.shape[1], w.shape[0]
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 class _CallTaps:
     """Forward hooks that route ``G_c = ∂L/∂Y_c`` of every LoRA-layer call (while grad is on) into ``sink`` *during*
     the backward pass, with the call's input ``X_c``; neither is kept once it has been used.
@@ -105,6 +109,10 @@ class _CallTaps:
     respect to ``probe`` alone then visits every call that reaches the loss and returns one scalar: no ``G_c`` is
     captured as an output (``autograd.grad`` w.r.t. the outputs themselves would hold all of them, the size of the
     layer outputs, until it returns) and no parameter's ``.grad`` is touched.
+
+    ``X_c`` is held detached, already in the dtype :func:`add_weight_grad_` multiplies in (the half dtype of ``G_c``,
+    which is ``Y_c``'s, under autocast), cast once per input tensor during a forward pass: layers that share an fp32
+    input (query/key/value) share one half-precision copy instead of holding the fp32 tensor.
     """
 
     def __init__(self, targets: list[LoraTarget], sink: WeightGradNorms, device: torch.device):
@@ -112,7 +120,19 @@ class _CallTaps:
         self.probe = torch.full((), -0.0, device=device, requires_grad=True)
         self.calls = 0  # this micro-batch's tapped calls
         self.frozen: list[int] = []  # targets whose output did not require grad in this micro-batch
+        self._casts: dict[tuple[int, int, torch.dtype], tuple[weakref.ref, torch.Tensor]] = {}  # this forward's
         self._handles = [t.module.register_forward_hook(self._hook(i)) for i, t in enumerate(targets)]
+
+    def _held_input(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        half = out_dtype if out_dtype in _HALF else x.dtype if x.dtype in _HALF else None
+        if half is None or x.dtype == half:
+            return x.detach()
+        key = (id(x), x._version, half)
+        source, cast = self._casts.get(key, (None, None))
+        if source is None or source() is not x:
+            cast = x.detach().to(half)
+            self._casts[key] = (weakref.ref(x), cast)
+        return cast
 
     def _hook(self, index: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
@@ -123,7 +143,7 @@ class _CallTaps:
                 self.frozen.append(index)
                 return None
             tapped = output + self.probe
-            held = [args[0]]  # X_c until its gradient arrives, then released (the graph frees its own copy too)
+            held = [self._held_input(args[0], output.dtype)]  # until its G_c arrives
             sink = self.sink
 
             def on_grad(g: torch.Tensor) -> None:
@@ -139,10 +159,15 @@ class _CallTaps:
         self.calls = 0
         self.frozen = []
 
+    def end_forward(self) -> None:
+        """Forget the forward pass's casts: each is then held only until its last call's gradient has arrived."""
+        self._casts.clear()
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._casts.clear()
 
 
 def _samplers(dataloader: Any) -> list[Any]:
@@ -361,6 +386,7 @@ def compute_sensitivities(
                 taps.start_micro_batch()
                 with amp, run_eagerly(inner):  # compiled in place: hooks and autograd.grad need eager tensors
                     loss = loss_fn(inner, batch)
+                taps.end_forward()
                 if not taps.calls:
                     raise ValueError("calibration: no LoRA layer ran in the forward pass; check target_modules")
                 if taps.frozen:

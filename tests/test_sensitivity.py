@@ -1,12 +1,14 @@
 """Calibration: exact base-weight gradient norms, no side effects, accumulation/split invariance."""
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
 from tiny import RandomClassification, base_weight, batches, tiny_lora
 
-from iwtrainer import compute_sensitivities, find_lora_targets, preserved_training_state
+from iwtrainer import compute_sensitivities, find_lora_targets, preserved_training_state, sensitivity
 
 
 def reference_sensitivities(model, batch_list, ga: int = 1) -> dict[str, float]:
@@ -136,3 +138,105 @@ def test_bf16_autocast_matches_fp32():
     bf16 = compute_sensitivities(model, data, num_steps=4, autocast_dtype=torch.bfloat16, show_progress=False)
     for name in exact:
         assert bf16[name] == pytest.approx(exact[name], rel=5e-2), name
+
+
+# -- memory: what the calibration holds, and that nothing of it outlives it ------------------------------------------
+class RecordingSums(sensitivity.WeightGradNorms):
+    """The calibration's accumulator, recording what it is handed and holds: weak references only."""
+
+    made: list["RecordingSums"] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.refs: list[weakref.ref] = [weakref.ref(self.norms)]  # every tensor it saw or made
+        if self.flat is not None:
+            self.refs.append(weakref.ref(self.flat))
+        self.grads: list[weakref.ref] = []
+        self.most_live_grads = 0  # earlier calls' ∂L/∂Y still alive when a call's gradient arrives
+        self.most_sum_bytes = 0  # per-target sums alive at once (unbuffered)
+        RecordingSums.made.append(self)
+
+    def add(self, index, g, x):
+        self.most_live_grads = max(self.most_live_grads, sum(r() is not None for r in self.grads))
+        self.grads.append(weakref.ref(g))
+        self.refs += [weakref.ref(g), weakref.ref(x)]
+        super().add(index, g, x)
+
+    def _reduce(self, index):
+        self.most_sum_bytes = max(self.most_sum_bytes, sum(t.nbytes for t in self._partial.values()))
+        self.refs.append(weakref.ref(self._partial[index]))
+        super()._reduce(index)
+
+
+@pytest.fixture
+def recording(monkeypatch):
+    RecordingSums.made = []
+    monkeypatch.setattr(sensitivity, "WeightGradNorms", RecordingSums)
+    return RecordingSums.made
+
+
+def target_bytes(model) -> list[int]:
+    """fp32 bytes of each target's ∂L/∂W (d_out × d_in)."""
+    return [base_weight(t).numel() * 4 for t in find_lora_targets(model)]
+
+
+def test_calibration_holds_one_target_sum_and_no_layer_gradients(recording):
+    """One micro-batch per batch: no buffer of every target's size (mpnet-base: 85M floats, 340 MB); each target's
+    sum lives alone and briefly, and each call's ∂L/∂Y is freed before the next one arrives."""
+    model = tiny_lora("bert", init_lora_weights=False)
+    data = batches(RandomClassification(n=16, seed=5), 8)
+    compute_sensitivities(model, data, num_steps=2, show_progress=False)
+    (sums,) = recording
+    assert sums.flat is None
+    assert 0 < sums.most_sum_bytes <= max(target_bytes(model))
+    assert len(sums.grads) == 2 * len(find_lora_targets(model))  # every call of both batches
+    assert sums.most_live_grads <= 1  # autograd.grad w.r.t. the outputs held all of them until it returned
+    del sums
+    recording.clear()
+
+
+@pytest.mark.parametrize("kind, ga", [("bert", 1), ("deberta", 1), ("bert", 2)])
+def test_nothing_of_the_calibration_outlives_it(recording, kind, ga):
+    """Buffers, sums, layer inputs and output gradients, hooks: all gone once compute_sensitivities returns (under
+    gradient accumulation the batch's sums need the one flat buffer, Σ_k d_out·d_in fp32, while it runs)."""
+    model = tiny_lora(kind, init_lora_weights=False)
+    data = batches(RandomClassification(n=16, seed=6), 8 // ga)
+    compute_sensitivities(model, data, num_steps=2, gradient_accumulation_steps=ga, show_progress=False)
+    (sums,) = recording
+    assert (sums.flat is not None) == (ga > 1)
+    if ga > 1:
+        assert sums.flat.nbytes == sum(target_bytes(model))
+    refs = sums.refs
+    assert len(refs) > 3 * len(find_lora_targets(model))
+    del sums
+    recording.clear()
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []
+    assert all(not t.module._forward_hooks for t in find_lora_targets(model))
+
+
+def test_buffered_and_streamed_sums_are_the_same_numbers(monkeypatch):
+    """The flat buffer (gradient accumulation, DDP) and the per-target temporaries add the same products in the same
+    order: bit-identical sensitivities, DeBERTa's twice-called shared-key layers included."""
+    model = tiny_lora("deberta", init_lora_weights=False)
+    data = batches(RandomClassification(n=24, seed=7), 8)
+    streamed = compute_sensitivities(model, data, num_steps=3, show_progress=False)
+    real = sensitivity.WeightGradNorms
+    monkeypatch.setattr(sensitivity, "WeightGradNorms", lambda t, d, buffered: real(t, d, buffered=True))
+    buffered = compute_sensitivities(model, data, num_steps=3, show_progress=False)
+    assert streamed == buffered
+
+
+def test_taps_leave_the_forward_pass_bit_identical():
+    """Each tapped output is ``y + (-0.0)``: the same bits, signed zeros included."""
+    model = tiny_lora("deberta", init_lora_weights=False).eval()
+    batch = batches(RandomClassification(n=8, seed=8), 8)[0]
+    plain = model(**batch).logits
+    taps = sensitivity._CallTaps(find_lora_targets(model), sensitivity.WeightGradNorms(
+        find_lora_targets(model), torch.device("cpu"), buffered=False), torch.device("cpu"))  # fmt: skip
+    tapped = model(**batch).logits
+    taps.remove()
+    assert taps.calls > len(find_lora_targets(model))  # DeBERTa: query_proj/key_proj run twice
+    assert torch.equal(plain, tapped)
+    assert torch.equal(torch.tensor([-0.0, 0.0, 1.5]) + taps.probe.detach(), torch.tensor([-0.0, 0.0, 1.5]))
+    assert torch.tensor([-0.0]).add(taps.probe.detach()).signbit().item()
