@@ -173,7 +173,7 @@ def test_offline_stsb_runs_on_the_sample_in_a_subprocess(tmp_path):
            str(out), "--cache_dir", str(tmp_path / "cache"), "--do_train", "--do_eval", *TINY]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    warnings = [line for line in proc.stderr.splitlines() if "embedded sample" in line]
+    warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if "embedded sample" in line]  # logs: stdout
     assert len(warnings) == 1 and "WARNING" in warnings[0] and "--glue_dir" in warnings[0], warnings
     results = read(out / "all_results.json")
     assert results["eval_samples"] == 32 and "eval_pearson" in results
