@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import GLUE, MODEL, SCRIPT, needs_shared
+from helpers import GLUE, MODEL, SCRIPT, e2e_task, needs_shared
 
 from iwtrainer.importance import IMPORTANCE_FILE
 
@@ -57,7 +57,7 @@ def test_run_glue_iw_under_torchrun_matches_one_process(tmp_path):
     """The script itself under a launcher (real MiniLM, real SST-2 rows): one set of output files, and the
     calibration of 2 processes × 4 rows equals 1 process × 8 rows."""
     common = [
-        str(SCRIPT), "--model_name_or_path", str(MODEL), "--glue_dir", str(GLUE), "--task_name", "sst2",
+        str(SCRIPT), "--model_name_or_path", str(MODEL), "--glue_dir", str(GLUE), "--task_name", e2e_task("sst2"),
         "--do_train", "--do_eval", "--max_train_samples", "64", "--max_eval_samples", "32", "--max_steps", "2",
         "--iw_calib_steps", "3", "--max_seq_length", "32", "--save_strategy", "no", "--disable_tqdm", "true",
         "--report_to", "none", "--seed", "3",

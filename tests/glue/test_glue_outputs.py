@@ -87,7 +87,7 @@ def test_merged_model_loads_alone_and_predicts_the_same(tmp_path, adapter):
     batch = tokenizer(["A man plays a guitar.", "The cat sat."], ["Someone plays music.", "A dog barks."],
                       return_tensors="pt", padding=True)  # fmt: skip
     merged = AutoModelForSequenceClassification.from_pretrained(str(out / "merged")).eval()
-    base = AutoModelForSequenceClassification.from_pretrained(str(MODEL), num_labels=2)
+    base = AutoModelForSequenceClassification.from_pretrained(str(MODEL), num_labels=merged.config.num_labels)
     if adapter == "wsa":
         from iwtrainer.methods.wsa import load_wsa
 

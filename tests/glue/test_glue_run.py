@@ -21,7 +21,9 @@ from helpers import (
     SCRIPT,
     TINY,
     base_args,
+    e2e_task,
     needs_shared,
+    needs_task,
     read,
     subprocess_env,
 )
@@ -95,6 +97,7 @@ def rte_rows(n: int, start: int = 0) -> list[tuple[str, str, str]]:
 
 @pytest.mark.slow
 @needs_shared
+@needs_task("rte")  # RTE's sentence pairs in MNLI's layout
 def test_mnli_evaluates_matched_and_mismatched(tmp_path):
     # MNLI is not available offline: real RTE sentence pairs in MNLI's file layout exercise the two-dev-set path.
     labels = ("entailment", "neutral", "contradiction")
@@ -115,6 +118,7 @@ def test_mnli_evaluates_matched_and_mismatched(tmp_path):
 
 @pytest.mark.slow
 @needs_shared
+@needs_task("rte")  # RTE's sentence pairs as CSV files
 def test_csv_files_as_run_glue(tmp_path):
     import csv
 
@@ -142,7 +146,7 @@ def test_yaml_config_with_overrides_in_a_subprocess(tmp_path):
     cmd = [
         sys.executable, str(SCRIPT), "configs/minilm_rte_iwlora.yaml",
         "--model_name_or_path", str(MODEL), "--glue_dir", str(GLUE), "--output_dir", str(out),
-        *TINY, "--max_steps", "3", "--eval_strategy", "no",
+        *TINY, "--max_steps", "3", "--eval_strategy", "no", "--task_name", e2e_task("rte"),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
