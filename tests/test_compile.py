@@ -7,10 +7,12 @@ dynamo tracing with its guards and graph breaks, AOTAutograd's joint forward/bac
 place of inductor's generated code, so the tests take seconds.
 
 Tolerance: with ``aot_eager`` the compiled graph runs the same ATen kernels on the same fp32 tensors, so losses and
-weights come out bitwise equal (observed); the tests allow 1e-6 relative, a few fp32 ulps accumulated over 4 steps, in
-case a decomposition reorders a sum. Inductor fuses kernels and reorders fp32 reductions (on CPU the per-step losses
-differed by up to 2.4e-7 absolute, 4e-7 relative): 1e-5 there. Sensitivities are compared exactly: calibration runs
-eagerly on the unwrapped model whatever the backend.
+weights come out bitwise equal (observed); the tests allow 1e-6 relative on the losses, a few fp32 ulps accumulated
+over 4 steps, and 1e-7 on the weights, in case a decomposition reorders a sum. Inductor fuses kernels and reorders fp32
+reductions: on CPU the per-step losses differed by up to 6e-8 (1e-7 relative), allowed 1e-5 relative; the weights by
+up to 5.3e-6, because Adam scales every update to about lr = 1e-2 whatever the gradient's size, so an element whose
+gradient is mostly rounding noise moves by a visible fraction of lr when that noise changes: allowed 1e-4 (1 % of
+one step). Sensitivities are compared exactly: calibration runs eagerly on the unwrapped model whatever the backend.
 
 Transformers' sequence classifiers set ``config.problem_type`` in their first forward; dynamo guards on it and
 recompiles once at step 2 for any trainer. The tests set it beforehand so that every remaining recompile would be
@@ -30,7 +32,7 @@ from torch._dynamo.utils import counters
 from iwtrainer import IWTrainer, IWTrainingArguments, compute_sensitivities
 
 BACKEND = os.environ.get("IWTRAINER_COMPILE_BACKEND", "aot_eager")
-RTOL = 1e-6 if BACKEND == "aot_eager" else 1e-5
+LOSS_RTOL, WEIGHT_ATOL = (1e-6, 1e-7) if BACKEND == "aot_eager" else (1e-5, 1e-4)
 CASES = {
     "lora": {"iw_alpha": 0.0},
     "iw_lora": {"iw_alpha": 1e-2, "gradient_accumulation_steps": 2},  # the penalty after the last micro-batch
@@ -77,12 +79,12 @@ def test_compiled_training_equals_eager_and_compiles_once(tmp_path, case):
     assert len(logs) == 4 and [h.keys() for h in logs] == [h.keys() for h in compiled_logs]
     for step, (a, b) in enumerate(zip(logs, compiled_logs), 1):
         for key in a:
-            assert b[key] == pytest.approx(a[key], rel=RTOL, abs=1e-8), (step, key)
+            assert b[key] == pytest.approx(a[key], rel=LOSS_RTOL, abs=1e-8), (step, key)
     if CASES[case]["iw_alpha"] > 0:
         assert logs[-1]["iw_penalty"] > 0  # the penalty is really in these losses
     state, compiled_state = lora_state(eager.model), lora_state(compiled.model)
     for name in state:
-        torch.testing.assert_close(compiled_state[name], state[name], rtol=10 * RTOL, atol=1e-7, msg=name)
+        torch.testing.assert_close(compiled_state[name], state[name], rtol=0, atol=WEIGHT_ATOL, msg=name)
     if CASES[case]["iw_alpha"] > 0:  # the same importance record: measured eagerly in both runs
         assert compiled.iw_callback.record["modules"] == eager.iw_callback.record["modules"]
     # One compile at the first compiled step and nothing after it: no graph break, no recompile (IW's penalty
