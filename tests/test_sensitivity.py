@@ -3,10 +3,11 @@
 import copy
 import gc
 import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny import RandomClassification, base_weight, batches, tiny_lora
+from tiny import RandomClassification, base_weight, batches, tiny_args, tiny_lora
 
 from iwtrainer import compute_sensitivities, find_lora_targets, preserved_training_state, sensitivity
 
@@ -142,42 +143,51 @@ def test_bf16_autocast_matches_fp32():
 
 # -- memory: what the calibration holds, and that nothing of it outlives it ------------------------------------------
 class RecordingSums(sensitivity.WeightGradNorms):
-    """The calibration's accumulator, recording what it is handed and holds: weak references only."""
+    """The calibration's accumulator, recording in ``logs`` (which holds no tensor and not the accumulator itself)
+    weak references to everything it is handed or makes, and what it held at once."""
 
-    made: list["RecordingSums"] = []
+    logs: list[SimpleNamespace] = []
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.refs: list[weakref.ref] = [weakref.ref(self.norms)]  # every tensor it saw or made
-        if self.flat is not None:
-            self.refs.append(weakref.ref(self.flat))
-        self.grads: list[weakref.ref] = []
-        self.most_live_grads = 0  # earlier calls' ∂L/∂Y still alive when a call's gradient arrives
-        self.most_sum_bytes = 0  # per-target sums alive at once (unbuffered)
-        RecordingSums.made.append(self)
+        self.log = SimpleNamespace(
+            flat_bytes=None if self.flat is None else self.flat.nbytes,
+            refs=[weakref.ref(t) for t in (self.norms, self.flat) if t is not None],  # every tensor seen or made
+            grads=[],  # weakrefs to each call's ∂L/∂Y
+            most_live_grads=0,  # earlier calls' ∂L/∂Y still alive when a call's gradient arrives
+            most_sum_bytes=0,  # per-target sums alive at once (unbuffered)
+        )
+        RecordingSums.logs.append(self.log)
 
     def add(self, index, g, x):
-        self.most_live_grads = max(self.most_live_grads, sum(r() is not None for r in self.grads))
-        self.grads.append(weakref.ref(g))
-        self.refs += [weakref.ref(g), weakref.ref(x)]
+        log = self.log
+        log.most_live_grads = max(log.most_live_grads, sum(r() is not None for r in log.grads))
+        log.grads.append(weakref.ref(g))
+        log.refs += [weakref.ref(g), weakref.ref(x)]
         super().add(index, g, x)
 
     def _reduce(self, index):
-        self.most_sum_bytes = max(self.most_sum_bytes, sum(t.nbytes for t in self._partial.values()))
-        self.refs.append(weakref.ref(self._partial[index]))
+        self.log.most_sum_bytes = max(self.log.most_sum_bytes, sum(t.nbytes for t in self._partial.values()))
+        self.log.refs.append(weakref.ref(self._partial[index]))
         super()._reduce(index)
 
 
 @pytest.fixture
-def recording(monkeypatch):
-    RecordingSums.made = []
+def recording(monkeypatch) -> list[SimpleNamespace]:
+    """The logs of the accumulators that calibration creates while the test runs."""
+    RecordingSums.logs = []
     monkeypatch.setattr(sensitivity, "WeightGradNorms", RecordingSums)
-    return RecordingSums.made
+    return RecordingSums.logs
 
 
 def target_bytes(model) -> list[int]:
     """fp32 bytes of each target's ∂L/∂W (d_out × d_in)."""
     return [base_weight(t).numel() * 4 for t in find_lora_targets(model)]
+
+
+def alive(log: SimpleNamespace) -> list[torch.Tensor]:
+    gc.collect()
+    return [r() for r in log.refs if r() is not None]
 
 
 def test_calibration_holds_one_target_sum_and_no_layer_gradients(recording):
@@ -186,13 +196,11 @@ def test_calibration_holds_one_target_sum_and_no_layer_gradients(recording):
     model = tiny_lora("bert", init_lora_weights=False)
     data = batches(RandomClassification(n=16, seed=5), 8)
     compute_sensitivities(model, data, num_steps=2, show_progress=False)
-    (sums,) = recording
-    assert sums.flat is None
-    assert 0 < sums.most_sum_bytes <= max(target_bytes(model))
-    assert len(sums.grads) == 2 * len(find_lora_targets(model))  # every call of both batches
-    assert sums.most_live_grads <= 1  # autograd.grad w.r.t. the outputs held all of them until it returned
-    del sums
-    recording.clear()
+    (log,) = recording
+    assert log.flat_bytes is None
+    assert 0 < log.most_sum_bytes <= max(target_bytes(model))
+    assert len(log.grads) == 2 * len(find_lora_targets(model))  # every call of both batches
+    assert log.most_live_grads <= 1  # autograd.grad w.r.t. the outputs held all of them until it returned
 
 
 @pytest.mark.parametrize("kind, ga", [("bert", 1), ("deberta", 1), ("bert", 2)])
@@ -202,17 +210,33 @@ def test_nothing_of_the_calibration_outlives_it(recording, kind, ga):
     model = tiny_lora(kind, init_lora_weights=False)
     data = batches(RandomClassification(n=16, seed=6), 8 // ga)
     compute_sensitivities(model, data, num_steps=2, gradient_accumulation_steps=ga, show_progress=False)
-    (sums,) = recording
-    assert (sums.flat is not None) == (ga > 1)
-    if ga > 1:
-        assert sums.flat.nbytes == sum(target_bytes(model))
-    refs = sums.refs
-    assert len(refs) > 3 * len(find_lora_targets(model))
-    del sums
-    recording.clear()
-    gc.collect()
-    assert [r for r in refs if r() is not None] == []
+    (log,) = recording
+    assert log.flat_bytes == (sum(target_bytes(model)) if ga > 1 else None)
+    assert len(log.refs) > 3 * len(find_lora_targets(model))
+    assert alive(log) == []
     assert all(not t.module._forward_hooks for t in find_lora_targets(model))
+
+
+def test_training_starts_with_nothing_of_the_calibration_alive(recording, tmp_path):
+    """In the Trainer: by the first training step the calibration's tensors are gone (the record keeps floats)."""
+    from transformers import TrainerCallback
+
+    from iwtrainer import IWTrainer, IWTrainingArguments
+
+    at_step_0: list[int] = []
+
+    class Check(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 0:
+                at_step_0.append(len(alive(recording[0])))
+
+    args = tiny_args(tmp_path, IWTrainingArguments, max_steps=1, per_device_train_batch_size=8, iw_alpha=1e-2,
+                     iw_calib_steps=2)  # fmt: skip
+    trainer = IWTrainer(model=tiny_lora("bert", init_lora_weights=False), args=args,
+                        train_dataset=RandomClassification(n=16), callbacks=[Check()])  # fmt: skip
+    trainer.train()
+    assert len(recording) == 1 and len(recording[0].refs) > 3 * len(find_lora_targets(trainer.model))
+    assert at_step_0 == [0]
 
 
 def test_buffered_and_streamed_sums_are_the_same_numbers(monkeypatch):
@@ -232,11 +256,13 @@ def test_taps_leave_the_forward_pass_bit_identical():
     model = tiny_lora("deberta", init_lora_weights=False).eval()
     batch = batches(RandomClassification(n=8, seed=8), 8)[0]
     plain = model(**batch).logits
-    taps = sensitivity._CallTaps(find_lora_targets(model), sensitivity.WeightGradNorms(
-        find_lora_targets(model), torch.device("cpu"), buffered=False), torch.device("cpu"))  # fmt: skip
+    targets = find_lora_targets(model)
+    cpu = torch.device("cpu")
+    taps = sensitivity._CallTaps(targets, sensitivity.WeightGradNorms(targets, cpu, buffered=False), cpu)
     tapped = model(**batch).logits
     taps.remove()
-    assert taps.calls > len(find_lora_targets(model))  # DeBERTa: query_proj/key_proj run twice
+    assert taps.calls > len(targets)  # DeBERTa: query_proj/key_proj run twice
     assert torch.equal(plain, tapped)
-    assert torch.equal(torch.tensor([-0.0, 0.0, 1.5]) + taps.probe.detach(), torch.tensor([-0.0, 0.0, 1.5]))
-    assert torch.tensor([-0.0]).add(taps.probe.detach()).signbit().item()
+    zeros = torch.tensor([-0.0, 0.0, 1.5])
+    assert torch.equal(zeros + taps.probe.detach(), zeros)
+    assert (zeros + taps.probe.detach()).signbit().tolist() == [True, False, False]
