@@ -239,15 +239,18 @@ def test_training_starts_with_nothing_of_the_calibration_alive(recording, tmp_pa
     assert at_step_0 == [0]
 
 
-def test_buffered_and_streamed_sums_are_the_same_numbers(monkeypatch):
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_buffered_and_streamed_sums_are_the_same_numbers(monkeypatch, autocast):
     """The flat buffer (gradient accumulation, DDP) and the per-target temporaries add the same products in the same
-    order: bit-identical sensitivities, DeBERTa's twice-called shared-key layers included."""
+    order: bit-identical sensitivities, DeBERTa's twice-called shared-key layers included, in fp32 and under bf16
+    autocast (half-precision products, fp32 sums)."""
     model = tiny_lora("deberta", init_lora_weights=False)
     data = batches(RandomClassification(n=24, seed=7), 8)
-    streamed = compute_sensitivities(model, data, num_steps=3, show_progress=False)
+    run = dict(num_steps=3, autocast_dtype=autocast, show_progress=False)
+    streamed = compute_sensitivities(model, data, **run)
     real = sensitivity.WeightGradNorms
     monkeypatch.setattr(sensitivity, "WeightGradNorms", lambda t, d, buffered: real(t, d, buffered=True))
-    buffered = compute_sensitivities(model, data, num_steps=3, show_progress=False)
+    buffered = compute_sensitivities(model, data, **run)
     assert streamed == buffered
 
 
