@@ -9,7 +9,7 @@ The methods themselves are tested on tiny models in ``tests/methods/``.
 from __future__ import annotations
 
 import pytest
-from helpers import base_args, needs_shared, read
+from helpers import base_args, needs_shared, needs_task, read
 
 from iwtrainer.glue.run import Run, main, prepare, train_and_evaluate
 
@@ -26,6 +26,7 @@ def lora_dims(name: str) -> int:
 # ---- end to end ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @needs_shared
+@needs_task("rte")
 def test_full_fine_tuning(tmp_path):
     out = tmp_path / "full"
     main(base_args(out, "rte", "--do_train", "--do_eval", "--adapter", "full", "--max_steps", "2"))
@@ -37,6 +38,7 @@ def test_full_fine_tuning(tmp_path):
 
 @pytest.mark.slow
 @needs_shared
+@needs_task("rte")
 def test_wsa(tmp_path):
     out = tmp_path / "wsa"
     main(base_args(out, "rte", "--do_train", "--do_eval", "--adapter", "wsa", "--max_steps", "2"))
@@ -50,6 +52,7 @@ def test_wsa(tmp_path):
 
 @pytest.mark.slow
 @needs_shared
+@needs_task("rte")
 def test_adalora(tmp_path):
     out = tmp_path / "adalora"
     # 12 steps: tinit = 1, tfinal = 2, a new mask every 2 steps in between, the final budget from step 10 on.
@@ -87,6 +90,7 @@ def test_gradnorm_ema_with_iw(tmp_path):
 
 @pytest.mark.slow
 @needs_shared
+@needs_task("rte")
 def test_gradnorm_calibration_with_iw(tmp_path):
     out = tmp_path / "calibration"
     flags = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from helpers import base_args, e2e, read, user_error
+from helpers import base_args, e2e, needs_task, read, user_error
 
 from iwtrainer.glue.resume import RUN_SETTINGS_FILE
 from iwtrainer.glue.run import main
@@ -53,6 +53,7 @@ def test_overwrite_output_dir_starts_fresh(tmp_path, caplog):
     assert state["global_step"] == 6 and read(out / "checkpoint-6" / RUN_SETTINGS_FILE)["max_steps"] == 6
 
 
+@needs_task("rte")
 def test_checkpoints_that_are_missing_or_not_ours(tmp_path):
     message = user_error(base_args(tmp_path / "a", "rte", *SAVE, "--resume_from_checkpoint", str(tmp_path / "none")))
     assert "--resume_from_checkpoint" in message and "does not exist" in message

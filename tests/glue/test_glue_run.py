@@ -22,6 +22,7 @@ from helpers import (
     TINY,
     base_args,
     e2e_task,
+    needs_glue,
     needs_shared,
     needs_task,
     read,
@@ -38,6 +39,7 @@ needs_command = pytest.mark.skipif(
 # ---- end to end -----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @needs_shared
+@needs_glue
 def test_iw_lora_rte_train_eval_predict(tmp_path):
     out = tmp_path / "iw"
     main(base_args(out, "rte", "--do_train", "--do_eval", "--do_predict", "--max_predict_samples", "10"))
@@ -74,6 +76,7 @@ def test_iw_lora_rte_train_eval_predict(tmp_path):
         ),
     ],
 )
+@needs_glue
 def test_glue_metric_names(tmp_path, task, flags, metrics):
     out = tmp_path / task
     main(base_args(out, task, "--iw_alpha", "0", *flags))
@@ -207,6 +210,7 @@ def test_console_command_bad_input_is_one_line(tmp_path):
 # ---- prepare, then train_and_evaluate -------------------------------------------------------------------------------
 @pytest.mark.slow
 @needs_shared
+@needs_task("rte")
 def test_prepare_writes_nothing_and_train_and_evaluate_writes_the_results(tmp_path):
     out = tmp_path / "two_steps"
     run = prepare(base_args(out, "rte", "--do_train", "--do_eval", "--max_steps", "2"))

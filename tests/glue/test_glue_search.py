@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from helpers import GLUE, MODEL, in_space, needs_shared, user_error
+from helpers import GLUE, MODEL, in_space, needs_shared, needs_task, user_error
 from tiny import tiny_base
 
 from iwtrainer import IMPORTANCE_FILE, IWTrainingArguments
@@ -110,6 +110,7 @@ def test_script_ray_backend_without_ray_is_one_line(tmp_path):
 
 @pytest.mark.slow
 @needs_shared
+@needs_task("rte")
 def test_script_search_on_minilm_rte(tmp_path):
     out = tmp_path / "out"
     main(glue_args(out, "--hpo_trials", "2", "--do_predict"))
@@ -127,6 +128,7 @@ def test_script_search_on_minilm_rte(tmp_path):
 
 @pytest.mark.slow
 @needs_shared
+@needs_task("rte")
 def test_script_search_bad_input_is_one_line_before_anything_is_written(tmp_path):
     out = tmp_path / "out"
     space = tmp_path / "space.yaml"
