@@ -75,7 +75,14 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_step import calibration_cost, paired_ratio, random_batches, sst2_batches, time_methods  # noqa: E402
+from bench_step import (  # noqa: E402
+    calibration_cost,
+    make_step,
+    paired_ratio,
+    random_batches,
+    sst2_batches,
+    time_methods,
+)
 
 from iwtrainer import IWTrainer, IWTrainingArguments, compute_sensitivities, find_lora_targets  # noqa: E402
 from iwtrainer.importance import importance_record  # noqa: E402
@@ -204,24 +211,6 @@ def _method(model: torch.nn.Module, alpha: float, out: str, sensitivities: dict 
     return trainer, model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
 
-def make_step(trainer: IWTrainer, model: torch.nn.Module, opt: torch.optim.Optimizer):
-    """One optimizer step as the Trainer's ``training_step`` + optimizer make it: ``compute_loss`` under bf16 autocast
-    (on GPU), backward, IW's closed-form penalty gradient into ``.grad`` (``add_penalty_grad``; nothing for LoRA),
-    AdamW step, zero_grad — bench_step's step, kept here so that the penalty is in it whatever bench_step's state."""
-    device_type = "cuda" if _cuda() else "cpu"
-
-    def step(batch: dict) -> None:
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
-            loss = trainer.compute_loss(model, batch)
-        loss.backward()
-        trainer.add_penalty_grad(model, loss)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        trainer.state.global_step += 1
-
-    return step
-
-
 def _require_penalty(trainer: IWTrainer) -> None:
     """An IW-LoRA step must carry the penalty (its value is logged wherever it is added)."""
     if "iw_penalty" not in trainer._iw_logs:
@@ -317,7 +306,7 @@ def _memory_of(out: dict, loader: Loader, variant: str, alpha: float, batches: l
         _phase(out, f"{name}_calibration_ga2", lambda: _calibrate(model, variant, batches, n2, ga=2),
                calib_batches=n2, gradient_accumulation_steps=2, **info)  # fmt: skip
     method = _method(model, alpha, tmp, sens)
-    step = make_step(*method)
+    step = make_step(name, *method)
     _phase(out, name, lambda: [step(b) for b in batches[: args.mem_steps]], steps=args.mem_steps, **info)
     if alpha:
         _require_penalty(method[0])
@@ -340,7 +329,7 @@ def timing(loader: Loader, sens_nf4: dict, batches: list[dict], args: argparse.N
         "nf4_lora": _method(loader.lora("nf4"), 0.0, tmp),
         "nf4_iw_lora": _method(loader.lora("nf4"), ALPHA, tmp, sens_nf4),
     }
-    steps = {k: make_step(*v) for k, v in methods.items()}
+    steps = {k: make_step(k, *v) for k, v in methods.items()}
     steps["nf4_iw_lora"](batches[0])
     _require_penalty(methods["nf4_iw_lora"][0])
     rounds = time_methods(steps, batches, args.rounds, args.steps)
