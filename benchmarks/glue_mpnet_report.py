@@ -26,7 +26,7 @@ from pathlib import Path
 from scipy.stats import t as student_t
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mpnet_tuning_report import METRIC, TASKS  # noqa: E402
+from mpnet_tuning_report import METRIC, TASKS, load  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Score of a constant prediction on the GLUE dev set: RTE 146/277 "not_entailment"; MRPC all "equivalent"
@@ -69,16 +69,6 @@ def config(method: str, task: str, selection: dict) -> str | None:
     if method in PENALTIES:
         return f"{method}_a{chosen[method]['alpha']}_lr{chosen['lr']}"
     return f"{method}_lr{chosen['lr']}"
-
-
-def load_runs(*paths: Path) -> dict[str, dict]:
-    runs = {}
-    for path in paths:
-        for line in path.read_text().splitlines() if path.is_file() else []:
-            rec = json.loads(line) if line.strip() else None
-            if rec and "error" not in rec:
-                runs[rec["key"]] = rec
-    return runs
 
 
 def score(rec: dict) -> float:
@@ -287,7 +277,7 @@ def markdown(agg: dict, selection: dict) -> str:
 
 def main() -> None:
     tuning = json.loads((RESULTS / "glue_mpnet_tuning.json").read_text())
-    runs = load_runs(RESULTS / "glue_mpnet_dev.jsonl", RESULTS / "glue_mpnet_grid.jsonl")
+    runs = {**load(RESULTS / "glue_mpnet_dev.jsonl"), **load(RESULTS / "glue_mpnet_grid.jsonl")}
     agg = aggregate(runs, tuning["selection"])
     (RESULTS / "glue_mpnet.json").write_text(json.dumps(agg, indent=1) + "\n")
     text = markdown(agg, tuning["selection"])

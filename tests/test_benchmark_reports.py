@@ -28,7 +28,7 @@ def test_minilm_table_regenerates() -> None:
 
 def _mpnet() -> tuple[dict, dict, dict]:
     selection = json.loads((RESULTS / "glue_mpnet_tuning.json").read_text())["selection"]
-    runs = mpnet.load_runs(RESULTS / "glue_mpnet_dev.jsonl", RESULTS / "glue_mpnet_grid.jsonl")
+    runs = {**mpnet.load(RESULTS / "glue_mpnet_dev.jsonl"), **mpnet.load(RESULTS / "glue_mpnet_grid.jsonl")}
     return runs, selection, mpnet.aggregate(runs, selection)
 
 
