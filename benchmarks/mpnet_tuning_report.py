@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -54,7 +55,10 @@ def score(recs: dict[str, dict], task: str, name: str, seed: int) -> float | Non
 
 
 def fmt(x: float | None, digits: int = 4) -> str:
-    return "not run" if x is None else f"{x:.{digits}f}"
+    # NaN: a seed predicted one constant value, so STS-B's Pearson correlation is undefined (a collapsed run).
+    if x is None:
+        return "not run"
+    return "NaN (collapsed)" if math.isnan(x) else f"{x:.{digits}f}"
 
 
 def mean(xs: list[float | None]) -> float | None:
