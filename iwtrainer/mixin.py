@@ -235,9 +235,12 @@ class IWMixin:
         # compiled graph would trace the hooks and hide the outputs' gradients); compiled steps start at step N.
         eager = run_eagerly(model) if self.iw_callback.measuring else contextlib.nullcontext()
         with eager:
-            loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            # return_outputs passed through: asking a subclass for outputs it was not asked for can cost it work
+            # (trl's SFTTrainer computes token accuracy from them).
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+        loss, outputs = result if return_outputs else (result, None)
         # name -> (value, coefficient): the term added to the training loss is coefficient·value.
         terms: dict[str, tuple[torch.Tensor, float]] = {}
         ga = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)

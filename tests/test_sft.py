@@ -100,3 +100,33 @@ def test_settings_from_iw_sft_config(tmp_path):
         fit(IWSFTTrainer, tmp_path / "twice", args=args, iw=IW)
     with pytest.raises(ValueError, match="iw_alpha must be a finite number >= 0"):
         sft_config(tmp_path, IWSFTConfig, iw_alpha=-1.0)
+
+
+def count_forwards(cls, out, **kw):
+    """Forward passes of the model during ``fit`` (calibration's own forwards excluded: max_steps counts training)."""
+    calls = {"n": 0}
+    original = torch.nn.Module.__call__
+
+    def counting(module, *args, **kwargs):
+        name = type(module).__name__
+        if name.endswith("ForCausalLM") and not name.startswith("Peft"):  # the model itself, not peft's wrapper
+            calls["n"] += 1
+        return original(module, *args, **kwargs)
+
+    torch.nn.Module.__call__ = counting
+    try:
+        trainer, _ = fit(cls, out, **kw)
+    finally:
+        torch.nn.Module.__call__ = original
+    return calls["n"], trainer
+
+
+def test_no_extra_forward_pass(tmp_path):
+    """The mixin asks SFTTrainer.compute_loss for outputs only when its caller does: with return_outputs=True trl
+    recomputes the logits with a second forward (and warns), which would make every IW step cost two forwards."""
+    plain, _ = count_forwards(trl.SFTTrainer, tmp_path / "p")
+    iw, trainer = count_forwards(IWSFTTrainer, tmp_path / "i", iw=IW.replace(alpha=0.0))
+    assert plain == 3 * 2  # max_steps 3 × 2 micro-batches
+    assert iw == plain
+    penalised, trainer = count_forwards(IWSFTTrainer, tmp_path / "w", iw=IW)
+    assert penalised == plain + trainer.iw_callback.record["calibration_batches"] * 2  # + calibration's micro-batches
