@@ -291,6 +291,18 @@ def _phase(out: dict, name: str, fn, **extra) -> None:
     _say(f"memory {name}: {out[name]}")
 
 
+def _stage_peak(stage: str, step: int) -> dict:
+    """The peak allocated GiB since the last reset (the stage that just ran) and the GiB still allocated after it;
+    resets the peak counter for the next stage. On CPU: None."""
+    if not _cuda():
+        return {"step": step, "stage": stage, "peak_gib": None, "after_gib": None}
+    torch.cuda.synchronize()
+    row = {"step": step, "stage": stage, "peak_gib": _gib(torch.cuda.max_memory_allocated()),
+           "after_gib": _gib(torch.cuda.memory_allocated())}  # fmt: skip
+    torch.cuda.reset_peak_memory_stats()
+    return row
+
+
 def _memory_of(out: dict, loader: Loader, variant: str, alpha: float, batches: list[dict], args, tmp: str) -> None:
     name = f"{variant}_{'iw_lora' if alpha else 'lora'}"
     start = torch.cuda.memory_allocated() if _cuda() else 0
@@ -306,8 +318,12 @@ def _memory_of(out: dict, loader: Loader, variant: str, alpha: float, batches: l
         _phase(out, f"{name}_calibration_ga2", lambda: _calibrate(model, variant, batches, n2, ga=2),
                calib_batches=n2, gradient_accumulation_steps=2, **info)  # fmt: skip
     method = _method(model, alpha, tmp, sens)
-    step = make_step(name, *method)
+    stages: list[dict] = []  # per step and stage: the peak since the previous stage ended, and what stays allocated
+    step = make_step(name, *method, probe=lambda stage: stages.append(_stage_peak(stage, len(stages) // 4)))
     _phase(out, name, lambda: [step(b) for b in batches[: args.mem_steps]], steps=args.mem_steps, **info)
+    out[name]["stages"] = stages
+    if _cuda():  # the stages reset the counter: the phase's peak is the largest of theirs
+        out[name]["peak_gib"] = max([out[name]["peak_gib"], *(r["peak_gib"] for r in stages)])
     if alpha:
         _require_penalty(method[0])
 
@@ -468,6 +484,19 @@ def to_markdown(r: dict) -> str:
         "per batch on one process there is none. Model footprint: `get_memory_footprint()` of the peft model.",
         "",
     ]
+    staged = {k: v["stages"] for k, v in mem.items() if v.get("stages")}
+    if staged and all(r["peak_gib"] is not None for rows in staged.values() for r in rows):
+        lines += [
+            "Peak GiB of each stage of each training step (the counter reset when the previous stage ended; after it: "
+            "what stays allocated):",
+            "",
+            "| step / stage | " + " | ".join(staged) + " |",
+            "|---|" + "---:|" * len(staged),
+        ]
+        for i, row in enumerate(next(iter(staged.values()))):
+            cells = [f"{rows[i]['peak_gib']:.3f} (after {rows[i]['after_gib']:.3f})" for rows in staged.values()]
+            lines.append(f"| {row['step']} / {row['stage']} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -148,23 +148,30 @@ def make_step(
     model: torch.nn.Module,
     opt: torch.optim.Optimizer,
     runner: torch.nn.Module | None = None,
+    probe: Callable[[str], None] | None = None,
 ) -> Callable:
     """One Trainer step: ``compute_loss`` through ``runner`` (the compiled wrapper, else the model) under bf16
     autocast, backward, IW's closed-form penalty gradient after it (``add_penalty_grad``, as ``training_step`` adds
-    it), optimizer step, zero_grad."""
+    it), optimizer step, zero_grad. ``probe(stage)``, when given, runs after each stage (``forward``, ``backward``,
+    ``penalty``, ``optimizer``): a memory benchmark reads and resets its peak counter there."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     counter = {"step": 0}
     runner = model if runner is None else runner
+    mark = probe or (lambda stage: None)
 
     def step(batch: dict) -> None:
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
             loss = trainer.compute_loss(runner, batch)
+        mark("forward")
         loss.backward()
+        mark("backward")
         trainer.add_penalty_grad(runner, loss)  # α·∇P into .grad: the "grad" backend adds nothing in compute_loss
+        mark("penalty")
         opt.step()
         if name == "adalora":  # what AdaLoraCallback does at on_optimizer_step
             model.base_model.update_and_allocate(counter["step"])
         opt.zero_grad(set_to_none=True)
+        mark("optimizer")
         counter["step"] += 1
         trainer.state.global_step += 1
 
