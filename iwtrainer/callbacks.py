@@ -102,7 +102,7 @@ class SensitivityCallback(TrainerCallback):
             self._load_for_resume(args, state, model, online)
             return
         if online:  # measured by hooks during the first calib_steps training steps; the record follows at step N
-            self.online = OnlineSensitivity(model, self.adapter_name)
+            self.online = OnlineSensitivity(model, self.adapter_name, args.gradient_accumulation_steps)
             return
         start = time.perf_counter()
         if settings.normalize == "uniform":  # ΔL2: every coefficient is 1, nothing to measure
@@ -223,7 +223,7 @@ class SensitivityCallback(TrainerCallback):
         for folder in candidates:
             partial = os.path.join(folder, PARTIAL_FILE) if folder else ""
             if online and os.path.isfile(partial) and not os.path.isfile(os.path.join(folder, IMPORTANCE_FILE)):
-                self.online = OnlineSensitivity(model, self.adapter_name)
+                self.online = OnlineSensitivity(model, self.adapter_name, args.gradient_accumulation_steps)
                 self.online.load_state_dict(torch.load(partial, map_location="cpu", weights_only=True))
                 logger.info("IW: continuing online calibration from %s (%d steps measured)", folder, self.online.steps)
                 return

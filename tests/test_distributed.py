@@ -30,12 +30,15 @@ def _run(cmd: list[str]) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("calibration", ["separate", "online"])
+def test_two_processes_match_one(tmp_path, calibration):
+    """``online``: one process keeps each target's sum only until its last gradient arrives, two processes keep a
+    flat buffer and all-reduce it after the step; the training moves the model between the measured steps."""
     one, two = tmp_path / "one", tmp_path / "two"
-    _run([sys.executable, str(WORKER), str(one), "16"])
+    _run([sys.executable, str(WORKER), str(one), "16", calibration])
     _run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), str(WORKER), str(two), "16"]
+         "--master_port", str(_free_port()), str(WORKER), str(two), "16", calibration]
     )  # fmt: skip
     single = torch.load(one / "rank0.pt")
     r0, r1 = torch.load(two / "rank0.pt"), torch.load(two / "rank1.pt")

@@ -28,8 +28,12 @@ def sensitivities(trainer) -> dict[str, float]:
     return {k: v["sensitivity"] for k, v in trainer.iw_callback.record["modules"].items()}
 
 
-def test_online_sensitivities_equal_the_separate_pass_on_the_same_batches(tmp_path):
-    frozen = dict(learning_rate=0.0, max_steps=3)  # lr 0: every training step sees the step-0 model
+@pytest.mark.parametrize("split", [(8, 2), (16, 1)], ids=["accumulated", "one-micro-batch"])
+def test_online_sensitivities_equal_the_separate_pass_on_the_same_batches(tmp_path, split):
+    """Both ways the sums are kept: a flat buffer spanning the 2 micro-batches of a step, and (16 × 1) per target
+    only until its last call's gradient arrives."""
+    batch, ga = split  # lr 0: every training step sees the step-0 model
+    frozen = dict(learning_rate=0.0, max_steps=3, per_device_train_batch_size=batch, gradient_accumulation_steps=ga)
     separate = fit(tmp_path / "s", **frozen)
     online = fit(tmp_path / "o", iw_calibration="online", **frozen)
     expected, got = sensitivities(separate), sensitivities(online)
@@ -72,3 +76,17 @@ def test_online_calibration_refuses_fp16():
     with pytest.raises(ValueError, match="fp16 scales by a changing loss scale; use bf16"):
         SensitivityCallback().on_train_begin(args, SimpleNamespace(global_step=0), None, model=object(),
                                              train_dataloader=object())  # fmt: skip
+
+
+def test_online_keeps_a_flat_buffer_only_when_a_step_spans_micro_batches():
+    from iwtrainer.online import OnlineSensitivity
+
+    model = tiny_lora("bert")
+    one, accumulated = OnlineSensitivity(model), OnlineSensitivity(model, gradient_accumulation_steps=2)
+    try:
+        assert one.sums.flat is None
+        n = sum(t.module.get_base_layer().weight.numel() for t in accumulated.targets)
+        assert accumulated.sums.flat is not None and accumulated.sums.flat.numel() == n
+    finally:
+        one.remove()
+        accumulated.remove()
