@@ -13,6 +13,10 @@ On CUDA the peaks are ``torch.cuda.max_memory_allocated`` (as ``peak_gpu_memory_
 ``--cuda_like_dropout`` keeps a one-byte mask on CPU too).
 
     python benchmarks/bench_calibration_memory.py --batch 32 --seq 128 --bf16        # RTE's shape
+    python benchmarks/bench_calibration_memory.py --batch 32 --seq 128 --bf16 --ga 1,2 \
+        --out benchmarks/results/calibration_memory
+
+``--out PREFIX`` writes ``PREFIX.json`` and a markdown table ``PREFIX.md``; ``--ga`` takes a comma list (one row each).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import argparse
 import gc
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -77,9 +82,16 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (the GLUE runs' --bf16 true)")
-    p.add_argument("--ga", type=int, default=1, help="calibration micro-batches per batch")
+    p.add_argument("--ga", default="1", help="calibration micro-batches per batch (comma list: one row each)")
     p.add_argument("--cuda_like_dropout", action="store_true", help="CPU: one-byte dropout masks")
+    p.add_argument("--out", help="write PREFIX.json and PREFIX.md")
     args = p.parse_args()
+    try:
+        gas = [int(x) for x in args.ga.split(",")]
+    except ValueError:
+        p.error(f"--ga takes positive integers separated by commas, got {args.ga!r}")
+    if any(x < 1 for x in gas):
+        p.error(f"--ga takes positive integers separated by commas, got {args.ga!r}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.bf16 else None
     torch.manual_seed(0)
@@ -95,7 +107,6 @@ def main() -> None:
         "labels": torch.randint(0, 2, (args.batch,), generator=g),
     }
     batch = {k: v.to(device) for k, v in batch.items()}
-    micro = [{k: v[i :: args.ga] for k, v in batch.items()} for i in range(args.ga)]
     trainable = [p for p in model.parameters() if p.requires_grad]
     amp = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
@@ -106,8 +117,9 @@ def main() -> None:
         torch.autograd.grad(loss, trainable)
         model.train()
 
-    def calibration() -> None:
-        compute_sensitivities(model, micro, num_steps=1, gradient_accumulation_steps=args.ga, autocast_dtype=dtype,
+    def calibration(ga: int) -> None:
+        micro = [{k: v[i::ga] for k, v in batch.items()} for i in range(ga)]
+        compute_sensitivities(model, micro, num_steps=1, gradient_accumulation_steps=ga, autocast_dtype=dtype,
                               show_progress=False)  # fmt: skip
 
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
@@ -127,14 +139,38 @@ def main() -> None:
 
         torch.nn.functional.dropout = dropout
     model_mib = (torch.cuda.memory_allocated() / MIB) if device.type == "cuda" else None
-    result = {"device": str(device), "tokens": args.batch * args.seq, "bf16": args.bf16, "ga": args.ga,
-              "model_mib": model_mib}  # fmt: skip
-    result["plain_eval_mib"] = peak_mib(plain_eval, device)
-    result["calibration_mib"] = peak_mib(calibration, device)
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else str(device),
+              "tokens": args.batch * args.seq, "layers": args.layers, "batch": args.batch, "seq": args.seq,
+              "bf16": args.bf16, "model_mib": model_mib, "rows": []}  # fmt: skip
+    plain = peak_mib(plain_eval, device)
     train_step()  # the optimizer state exists, as in every step after the first
-    result["train_step_mib"] = peak_mib(train_step, device)
-    result["calibration_over_train_step"] = result["calibration_mib"] / result["train_step_mib"]
+    train = peak_mib(train_step, device)
+    for ga in gas:
+        calib = peak_mib(lambda: calibration(ga), device)  # noqa: B023 - called at once
+        result["rows"].append({"ga": ga, "plain_eval_mib": plain, "calibration_mib": calib, "train_step_mib": train,
+                               "calibration_over_train_step": calib / train})  # fmt: skip
     print(json.dumps(result, indent=1))
+    if args.out:
+        Path(args.out + ".json").write_text(json.dumps(result, indent=1) + "\n")
+        Path(args.out + ".md").write_text(to_markdown(result))
+
+
+def to_markdown(r: dict) -> str:
+    lines = [
+        "# Calibration's peak memory against a LoRA training step (mpnet-base shapes)",
+        "",
+        f"`benchmarks/bench_calibration_memory.py` on {r['device']}: a random-weight MPNet of all-mpnet-base-v2's "
+        f"shapes ({r['layers']} layers: {6 * r['layers']} LoRA targets, r = 8, lora_dropout 0.1), one batch of "
+        f"{r['batch']} × {r['seq']} tokens"
+        f"{', bf16 autocast' if r['bf16'] else ''}. Peak MiB above what was held before each phase.",
+        "",
+        "| calibration micro-batches | eval forward+backward | calibration | training step | calibration ÷ step |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for row in r["rows"]:
+        lines.append(f"| {row['ga']} | {row['plain_eval_mib']:.0f} | {row['calibration_mib']:.0f} | "
+                     f"{row['train_step_mib']:.0f} | {row['calibration_over_train_step']:.3f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -480,9 +481,12 @@ def build_compiled(base: torch.nn.Module, batches: list[dict], args: argparse.Na
     return steps
 
 
-def bench_compiled(label: str, base: torch.nn.Module, batches: list[dict], args: argparse.Namespace) -> dict:
+def bench_compiled(
+    label: str, base: torch.nn.Module, batches: list[dict], args: argparse.Namespace, warm: dict | None = None
+) -> dict:
     """Eager vs compiled LoRA / IW-LoRA / ΔL2: compile time (warm-up over every batch shape) apart from the steady
-    ms/step (``time_methods``' interleaved rounds), and whether anything recompiled while timing."""
+    ms/step (``time_methods``' interleaved rounds), and whether anything recompiled while timing. ``warm`` is filled
+    with each method's warm-up as it finishes (what a run stopped early still reports)."""
     device = batches[0]["input_ids"].device
     base = base.to(device)
     # Sequence classifiers set config.problem_type in their first forward and dynamo recompiles for it once: set
@@ -496,7 +500,7 @@ def bench_compiled(label: str, base: torch.nn.Module, batches: list[dict], args:
     shapes = {}
     for b in batches:  # one batch of every shape: the warm-up compiles (and records CUDA graphs) for each
         shapes.setdefault(tuple(b["input_ids"].shape), b)
-    warm: dict[str, dict] = {}
+    warm = {} if warm is None else warm
     for name, fn in steps.items():
         before = _dynamo_stats()
         _sync()
@@ -544,6 +548,9 @@ def bench_compiled(label: str, base: torch.nn.Module, batches: list[dict], args:
 
 
 def compiled_markdown(r: dict) -> list[str]:
+    if not r.get("complete", True):  # stopped before its timing: the warm-ups that finished
+        return [f"## {r['model']}: torch.compile — stopped before the timing; warm-ups that finished", "",
+                *(f"- {name}: {json.dumps(w)}" for name, w in r["warmup"].items()), ""]  # fmt: skip
     modes = r["modes"]
     lines = [
         f"## {r['model']}: eager vs torch.compile ({r['backend']}), batch {r['batch']}, shapes "
@@ -669,7 +676,9 @@ def run_model(label: str, base: torch.nn.Module, batches: list[dict], args: argp
         results["models"].append(bench_model(label, base, batches, args))
         print(json.dumps(results["models"][-1], indent=1), flush=True)
     if args.compile:
-        results["compiled"].append(bench_compiled(label, base, batches, args))
+        entry: dict = {"model": label, "complete": False, "warmup": {}}  # partial until the timing is done
+        results["compiled"].append(entry)
+        entry.update(bench_compiled(label, base, batches, args, entry["warmup"]), complete=True)
 
 
 def main() -> None:
@@ -711,25 +720,38 @@ def main() -> None:
         "models": [],
         "compiled": [],
     }
-    n_batches = 40 if args.compile_only else max(args.calib_steps, 40)
-    if args.model:
-        batches = sst2_batches(args.model, args.sst2, n_batches, args.batch, args.seq, device, args.pad_to_multiple_of)
-        base = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
-        label = f"{Path(args.model).name} (real weights, SST-2 batches)"
-        run_model(label, base, batches, args, results)
-        if args.stability and not args.compile_only:
-            ns = [int(x) for x in args.stability.split(",")]
-            lora = _lora(copy.deepcopy(base)).to(device)
-            results["ranking_stability"] = ranking_stability(lora, batches, ns, args.calib_steps)
-    if args.deberta:
-        cfg = deberta_v3_base_config()
-        torch.manual_seed(0)
-        base = AutoModelForSequenceClassification.from_config(cfg)
-        batches = random_batches(cfg.vocab_size, n_batches, args.batch, args.seq, device)
-        run_model("DeBERTa-v3-base shapes (random init)", base, batches, args, results)
+    # `timeout` (and the device machine's limit) send SIGTERM: leave through the finally below, which saves what
+    # was measured (a compile warm-up alone can take minutes).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(124))
+    try:
+        n_batches = 40 if args.compile_only else max(args.calib_steps, 40)
+        if args.model:
+            pad = args.pad_to_multiple_of
+            batches = sst2_batches(args.model, args.sst2, n_batches, args.batch, args.seq, device, pad)
+            base = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
+            label = f"{Path(args.model).name} (real weights, SST-2 batches)"
+            run_model(label, base, batches, args, results)
+            if args.stability and not args.compile_only:
+                ns = [int(x) for x in args.stability.split(",")]
+                lora = _lora(copy.deepcopy(base)).to(device)
+                results["ranking_stability"] = ranking_stability(lora, batches, ns, args.calib_steps)
+        if args.deberta:
+            cfg = deberta_v3_base_config()
+            torch.manual_seed(0)
+            base = AutoModelForSequenceClassification.from_config(cfg)
+            batches = random_batches(cfg.vocab_size, n_batches, args.batch, args.seq, device)
+            run_model("DeBERTa-v3-base shapes (random init)", base, batches, args, results)
+        results["complete"] = True
+    finally:
+        save(results, args)
+
+
+def save(results: dict, args: argparse.Namespace) -> None:
     os.makedirs(args.out, exist_ok=True)
     Path(args.out, f"{args.name}.json").write_text(json.dumps(results, indent=1))
     md = to_markdown(results)
+    if not results.get("complete"):
+        md += "\n**Stopped early (SIGTERM or an error): only the sections above were measured.**\n"
     Path(args.out, f"{args.name}.md").write_text(md)
     print(md)
 
