@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from iwtrainer.hpo import load_search_space, study_summary  # noqa: E402
+from iwtrainer.search import load_search_space, study_summary  # noqa: E402
 
 
 def markdown(report: dict) -> str:
