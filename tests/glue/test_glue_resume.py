@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from helpers import base_args, e2e, needs_task, read, user_error
+from helpers import base_args, e2e, read, user_error
 
 from iwtrainer.glue.resume import RUN_SETTINGS_FILE
 from iwtrainer.glue.run import main
@@ -53,17 +53,19 @@ def test_overwrite_output_dir_starts_fresh(tmp_path, caplog):
     assert state["global_step"] == 6 and read(out / "checkpoint-6" / RUN_SETTINGS_FILE)["max_steps"] == 6
 
 
-@needs_task("rte")
-def test_checkpoints_that_are_missing_or_not_ours(tmp_path):
-    message = user_error(base_args(tmp_path / "a", "rte", *SAVE, "--resume_from_checkpoint", str(tmp_path / "none")))
+def test_checkpoints_that_are_missing_or_not_ours(tmp_path, glue_for):
+    rte = glue_for("rte")
+    message = user_error(
+        base_args(tmp_path / "a", "rte", *SAVE, "--resume_from_checkpoint", str(tmp_path / "none"), glue=rte)
+    )
     assert "--resume_from_checkpoint" in message and "does not exist" in message
     assert not (tmp_path / "a").exists()
     out = tmp_path / "b"
-    main(base_args(out, "rte", *SAVE))
+    main(base_args(out, "rte", *SAVE, glue=rte))
     foreign = tmp_path / "foreign"
     shutil.copytree(out / "checkpoint-4", foreign)
     (foreign / RUN_SETTINGS_FILE).unlink()
-    message = user_error(base_args(tmp_path / "c", "rte", *SAVE, "--resume_from_checkpoint", str(foreign)))
+    message = user_error(base_args(tmp_path / "c", "rte", *SAVE, "--resume_from_checkpoint", str(foreign), glue=rte))
     assert f"has no {RUN_SETTINGS_FILE}" in message and "not written by run_glue_iw.py" in message
     assert not (tmp_path / "c").exists()
     assert json.loads((out / "checkpoint-4" / RUN_SETTINGS_FILE).read_text())["task_name"] == "rte"

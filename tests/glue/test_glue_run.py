@@ -2,8 +2,9 @@
 command in a subprocess.
 
 The end-to-end tests use the real small encoder and real GLUE rows from ``../shared`` (override with
-``IWTRAINER_SHARED``) with a handful of steps, tiny sequences and a few dozen dev rows. The methods other than LoRA
-are run in ``test_glue_methods.py``.
+``IWTRAINER_SHARED``) with a handful of steps, tiny sequences and a few dozen dev rows; without ``../shared`` a task's
+rows are the embedded STS-B sample's sentence pairs in that task's layout (the ``glue_for`` fixture). The methods
+other than LoRA are run in ``test_glue_methods.py``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,7 @@ from helpers import (
     TINY,
     base_args,
     e2e_task,
-    needs_glue,
     needs_shared,
-    needs_task,
     read,
     subprocess_env,
 )
@@ -39,10 +38,10 @@ needs_command = pytest.mark.skipif(
 # ---- end to end -----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @needs_shared
-@needs_glue
-def test_iw_lora_rte_train_eval_predict(tmp_path):
+def test_iw_lora_rte_train_eval_predict(tmp_path, glue_for):
     out = tmp_path / "iw"
-    main(base_args(out, "rte", "--do_train", "--do_eval", "--do_predict", "--max_predict_samples", "10"))
+    flags = ["--do_train", "--do_eval", "--do_predict", "--max_predict_samples", "10"]
+    main(base_args(out, "rte", *flags, glue=glue_for("rte")))
     for name in (*RESULT_FILES, "iw_importance.json", "adapter_config.json", "adapter_model.safetensors"):
         assert (out / name).is_file(), name
     results = read(out / "all_results.json")
@@ -76,10 +75,9 @@ def test_iw_lora_rte_train_eval_predict(tmp_path):
         ),
     ],
 )
-@needs_glue
-def test_glue_metric_names(tmp_path, task, flags, metrics):
+def test_glue_metric_names(tmp_path, glue_for, task, flags, metrics):
     out = tmp_path / task
-    main(base_args(out, task, "--iw_alpha", "0", *flags))
+    main(base_args(out, task, "--iw_alpha", "0", *flags, glue=glue_for(task)))
     results = read(out / "eval_results.json")
     assert metrics <= set(results), results
     if "eval_combined_score" in metrics:
@@ -92,27 +90,25 @@ def test_glue_metric_names(tmp_path, task, flags, metrics):
         assert not (out / "iw_importance.json").exists()  # iw_alpha 0: plain LoRA, no calibration
 
 
-def rte_rows(n: int, start: int = 0) -> list[tuple[str, str, str]]:
-    """``n`` real (sentence1, sentence2, label) rows of RTE's training file."""
-    lines = (GLUE / "RTE" / "train.tsv").read_text(encoding="utf-8").splitlines()[1 + start : 1 + start + n]
+def rte_rows(glue, n: int, start: int = 0) -> list[tuple[str, str, str]]:
+    """``n`` (sentence1, sentence2, label) rows of the training file of ``glue``'s RTE (``glue_for("rte")``)."""
+    lines = (glue / "RTE" / "train.tsv").read_text(encoding="utf-8").splitlines()[1 + start : 1 + start + n]
     return [tuple(line.split("\t")[1:4]) for line in lines]
 
 
 @pytest.mark.slow
 @needs_shared
-@needs_task("rte")  # RTE's sentence pairs in MNLI's layout
-def test_mnli_evaluates_matched_and_mismatched(tmp_path):
-    # MNLI is not available offline: real RTE sentence pairs in MNLI's file layout exercise the two-dev-set path.
+def test_mnli_evaluates_matched_and_mismatched(tmp_path, glue_for):
+    # MNLI is not available offline: RTE's sentence pairs in MNLI's file layout exercise the two-dev-set path.
     labels = ("entailment", "neutral", "contradiction")
     folder = tmp_path / "glue" / "MNLI"
     folder.mkdir(parents=True)
     for name, start in (("train.tsv", 0), ("dev_matched.tsv", 100), ("dev_mismatched.tsv", 200)):
-        rows = [f"{i}\t{a}\t{b}\t{labels[i % 3]}" for i, (a, b, _) in enumerate(rte_rows(24, start))]
+        rows = [f"{i}\t{a}\t{b}\t{labels[i % 3]}" for i, (a, b, _) in enumerate(rte_rows(glue_for("rte"), 24, start))]
         (folder / name).write_text("\n".join(["index\tsentence1\tsentence2\tgold_label", *rows]) + "\n")
     out = tmp_path / "mnli"
-    argv = base_args(out, "mnli", "--do_train", "--do_eval", "--max_steps", "2", "--max_eval_samples", "20")
-    argv[argv.index("--glue_dir") + 1] = str(tmp_path / "glue")
-    main(argv)
+    flags = ["--do_train", "--do_eval", "--max_steps", "2", "--max_eval_samples", "20"]
+    main(base_args(out, "mnli", *flags, glue=tmp_path / "glue"))
     results = read(out / "eval_results.json")
     assert {"eval_accuracy", "eval_accuracy_mm", "eval_loss_mm"} <= set(results)
     assert results["eval_samples"] == results["eval_samples_mm"] == 20
@@ -121,15 +117,14 @@ def test_mnli_evaluates_matched_and_mismatched(tmp_path):
 
 @pytest.mark.slow
 @needs_shared
-@needs_task("rte")  # RTE's sentence pairs as CSV files
-def test_csv_files_as_run_glue(tmp_path):
+def test_csv_files_as_run_glue(tmp_path, glue_for):  # RTE's sentence pairs as CSV files
     import csv
 
     for name, start in (("train.csv", 0), ("dev.csv", 300), ("test.csv", 600)):
         with open(tmp_path / name, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["sentence1", "sentence2", "label"])
-            writer.writerows(rte_rows(40, start))
+            writer.writerows(rte_rows(glue_for("rte"), 40, start))
     out = tmp_path / "csv"
     argv = [
         "--model_name_or_path", str(MODEL), "--train_file", str(tmp_path / "train.csv"),
@@ -210,10 +205,9 @@ def test_console_command_bad_input_is_one_line(tmp_path):
 # ---- prepare, then train_and_evaluate -------------------------------------------------------------------------------
 @pytest.mark.slow
 @needs_shared
-@needs_task("rte")
-def test_prepare_writes_nothing_and_train_and_evaluate_writes_the_results(tmp_path):
+def test_prepare_writes_nothing_and_train_and_evaluate_writes_the_results(tmp_path, glue_for):
     out = tmp_path / "two_steps"
-    run = prepare(base_args(out, "rte", "--do_train", "--do_eval", "--max_steps", "2"))
+    run = prepare(base_args(out, "rte", "--do_train", "--do_eval", "--max_steps", "2", glue=glue_for("rte")))
     assert isinstance(run, Run) and not out.exists()
     assert run.setup.method == "lora" and len(run.setup.target_names) == 36
     assert run.setup.head_names == ["classifier", "bert.pooler"]

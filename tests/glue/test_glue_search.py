@@ -1,6 +1,7 @@
 """``run_glue_iw.py --hpo_trials`` (iwtrainer.glue.search): checking a search request against the prepared run, and
-the search itself on the real MiniLM and RTE rows from ``../shared``. The generic search is tested in
-``test_search.py``; the ``hpo_*`` flags and config keys in ``test_glue_arguments.py``."""
+the search itself on the real MiniLM and RTE rows from ``../shared`` (else the embedded STS-B sample's pairs in RTE's
+layout: the ``glue_for`` fixture). The generic search is tested in ``test_search.py``; the ``hpo_*`` flags and config
+keys in ``test_glue_arguments.py``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from helpers import GLUE, MODEL, in_space, needs_shared, needs_task, user_error
+from helpers import MODEL, in_space, needs_shared, user_error
 from tiny import tiny_base
 
 from iwtrainer import IMPORTANCE_FILE, IWTrainingArguments
@@ -31,9 +32,10 @@ TINY = [
 ]  # fmt: skip
 
 
-def glue_args(out: Path, *extra: str) -> list[str]:
+def glue_args(glue: Path, out: Path, *extra: str) -> list[str]:
+    """A tiny RTE run of ``glue``'s rows (``glue_for("rte")``)."""
     return [
-        "--model_name_or_path", str(MODEL), "--glue_dir", str(GLUE), "--task_name", "rte", "--do_train", "--do_eval",
+        "--model_name_or_path", str(MODEL), "--glue_dir", str(glue), "--task_name", "rte", "--do_train", "--do_eval",
         "--output_dir", str(out), *TINY, *extra,
     ]  # fmt: skip
 
@@ -110,10 +112,9 @@ def test_script_ray_backend_without_ray_is_one_line(tmp_path):
 
 @pytest.mark.slow
 @needs_shared
-@needs_task("rte")
-def test_script_search_on_minilm_rte(tmp_path):
+def test_script_search_on_minilm_rte(tmp_path, glue_for):
     out = tmp_path / "out"
-    main(glue_args(out, "--hpo_trials", "2", "--do_predict"))
+    main(glue_args(glue_for("rte"), out, "--hpo_trials", "2", "--do_predict"))
     results = json.loads((out / RESULTS_FILE).read_text())
     assert len(results["trials"]) == 2 and results["n_complete"] == 2
     assert all(in_space(t["params"]) and 0 <= t["objective"] <= 1 for t in results["trials"])
@@ -128,19 +129,18 @@ def test_script_search_on_minilm_rte(tmp_path):
 
 @pytest.mark.slow
 @needs_shared
-@needs_task("rte")
-def test_script_search_bad_input_is_one_line_before_anything_is_written(tmp_path):
-    out = tmp_path / "out"
+def test_script_search_bad_input_is_one_line_before_anything_is_written(tmp_path, glue_for):
+    out, rte = tmp_path / "out", glue_for("rte")
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"lora_r": {"type": "int", "low": 2, "high": 8}}))
-    message = user_error(glue_args(out, "--hpo_trials", "2", "--hpo_space", str(space)))
+    message = user_error(glue_args(rte, out, "--hpo_trials", "2", "--hpo_space", str(space)))
     assert str(space) in message and "'lora_r' is not a field of IWTrainingArguments" in message
-    message = user_error(glue_args(out, "--hpo_trials", "2", "--adapter", "full", "--iw_alpha", "0"))
+    message = user_error(glue_args(rte, out, "--hpo_trials", "2", "--adapter", "full", "--iw_alpha", "0"))
     assert "'iw_alpha' is searched but --adapter full" in message
-    message = user_error(glue_args(out, "--hpo_trials", "2", "--do_eval", "false"))
+    message = user_error(glue_args(rte, out, "--hpo_trials", "2", "--do_eval", "false"))
     assert "needs --do_eval" in message
     no_iw_alpha = no_alpha(tmp_path)
-    message = user_error(glue_args(out, "--hpo_trials", "2", "--adapter", "adalora", "--hpo_space", no_iw_alpha))
+    message = user_error(glue_args(rte, out, "--hpo_trials", "2", "--adapter", "adalora", "--hpo_space", no_iw_alpha))
     assert "--hpo_trials with --adapter adalora is not supported: its trainer callbacks are bound" in message
     assert not out.exists()
 

@@ -1,5 +1,6 @@
 """The offline GLUE loader (iwtrainer.glue.tsv): the original TSV layout read into ``datasets``, real rows from
-``../shared`` and synthetic MNLI/QQP files, and one-line errors naming the file, row and flag."""
+``../shared`` (else the embedded STS-B sample's) and synthetic MNLI/QQP files, and one-line errors naming the file,
+row and flag."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from helpers import EXPECTED_ROWS, assert_one_line, needs_glue
+from helpers import HAVE_GLUE_DIR, LOADER_ROWS, assert_one_line
 
 from iwtrainer.glue.tasks import GLUE_TASKS, GlueDataError
 from iwtrainer.glue.tsv import STSB_MAX_SCORE, STSB_MIN_SCORE, load_glue_from_dir
@@ -23,14 +24,64 @@ def write_tsv(path: Path, header: list[str] | None, rows: list[list[str]]) -> Pa
 
 
 # ------------------------------------------------------------------------------------------------ real data
+# The real rows: every task of ../shared (EXPECTED_ROWS), else the STS-B sample embedded in iwtrainer (SAMPLE_ROWS).
+
+# Label counts of each classification split (a class index: its count) and STS-B's mean score, from the files.
+LABEL_BALANCE = {
+    ("rte", "validation"): {0: 146, 1: 131},  # 0 = entailment
+    ("rte", "train"): {0: 1249, 1: 1241},
+    ("qnli", "validation"): {0: 2702, 1: 2761},
+    ("cola", "train"): {1: 6023, 0: 2528},  # 1 = acceptable
+    ("cola", "validation"): {1: 721, 0: 322},
+    ("sst2", "train"): {1: 37569, 0: 29780},
+    ("sst2", "validation"): {1: 444, 0: 428},
+    ("mrpc", "train"): {1: 2474, 0: 1194},  # 1 = equivalent
+    ("mrpc", "validation"): {1: 279, 0: 129},
+    ("wnli", "validation"): {0: 40, 1: 31},
+    ("stsb", "validation"): 2.364,
+    ("stsb", "train"): 2.701,
+}
+SAMPLE_LABEL_BALANCE = {  # awk -F'\t' 'NR>1 {s += $10} END {print s / (NR - 1)}' iwtrainer/glue/sample/STS-B/*.tsv
+    ("stsb", "validation"): 2.4212,
+    ("stsb", "train"): 2.57413,
+}
+# Rows as the files hold them: (task, split, row index) -> its values.
+ROW_CONTENTS = {
+    ("rte", "validation", 0): {"sentence2": "Christopher Reeve had an accident.", "label": 1},
+    ("mrpc", "validation", 0): {  # unbalanced quote kept verbatim (QUOTE_NONE)
+        "sentence2": '" The foodservice pie business does not fit our long-term growth strategy .',
+        "label": 1,
+    },
+    ("cola", "train", 0): {
+        "sentence": "Our friends won't buy this analysis, let alone the next one we propose.",
+        "label": 1,
+    },
+    ("cola", "test", 0): {"sentence": "Bill whistled past the house."},
+    ("sst2", "train", 0): {"sentence": "hide new secretions from the parental units ", "label": 0, "idx": 0},
+    ("stsb", "validation", 0): {"sentence1": "A man with a hard hat is dancing.", "label": 5.0},
+    ("qnli", "validation", 0): {
+        "question": "What came into force after the new constitution was herald?",
+        "label": 0,
+    },
+}
+SAMPLE_ROW_CONTENTS = {
+    ("stsb", "validation", 0): {
+        "sentence1": "A cat standing on tree branches.",
+        "sentence2": "A black and white cat is high up on tree branches.",
+        "label": 3.6,
+        "idx": 0,
+    },
+    ("stsb", "validation", 17): {"sentence2": 'a woman is standing by a pillar where "u2" is written.'},  # quotes kept
+    ("stsb", "train", 523): {"sentence1": 'A dog in a "superman" shirt sleeps on a blanket.', "label": 4.0},
+    ("stsb", "train", 999): {"idx": 999},
+}
 
 
-@needs_glue
-@pytest.mark.parametrize("task", sorted(EXPECTED_ROWS))
+@pytest.mark.parametrize("task", sorted(LOADER_ROWS))
 def test_real_split_sizes_columns_and_features(real: dict[str, datasets.DatasetDict], task: str) -> None:
     dsd = real[task]
     spec = GLUE_TASKS[task]
-    assert {split: ds.num_rows for split, ds in dsd.items()} == EXPECTED_ROWS[task]
+    assert {split: ds.num_rows for split, ds in dsd.items()} == LOADER_ROWS[task]
     for split, ds in dsd.items():
         assert ds.column_names == [*spec.text_keys, "label", "idx"]
         assert ds["idx"] == list(range(ds.num_rows))
@@ -47,39 +98,26 @@ def test_real_split_sizes_columns_and_features(real: dict[str, datasets.DatasetD
             assert set(np.unique(labels)) <= set(range(spec.num_labels))
 
 
-@needs_glue
-def test_real_label_balance(real: dict[str, datasets.DatasetDict]) -> None:
-    assert Counter(real["rte"]["validation"]["label"]) == {0: 146, 1: 131}  # 0 = entailment
-    assert Counter(real["rte"]["train"]["label"]) == {0: 1249, 1: 1241}
-    assert Counter(real["qnli"]["validation"]["label"]) == {0: 2702, 1: 2761}
-    assert Counter(real["cola"]["train"]["label"]) == {1: 6023, 0: 2528}  # 1 = acceptable
-    assert Counter(real["cola"]["validation"]["label"]) == {1: 721, 0: 322}
-    assert Counter(real["sst2"]["train"]["label"]) == {1: 37569, 0: 29780}
-    assert Counter(real["sst2"]["validation"]["label"]) == {1: 444, 0: 428}
-    assert Counter(real["mrpc"]["train"]["label"]) == {1: 2474, 0: 1194}  # 1 = equivalent
-    assert Counter(real["mrpc"]["validation"]["label"]) == {1: 279, 0: 129}
-    assert Counter(real["wnli"]["validation"]["label"]) == {0: 40, 1: 31}
-    assert np.mean(real["stsb"]["validation"]["label"]) == pytest.approx(2.364, abs=5e-4)
-    assert np.mean(real["stsb"]["train"]["label"]) == pytest.approx(2.701, abs=5e-4)
+@pytest.mark.parametrize(
+    ("task", "split", "expected"),
+    [(*key, value) for key, value in (LABEL_BALANCE if HAVE_GLUE_DIR else SAMPLE_LABEL_BALANCE).items()],
+)
+def test_real_label_balance(real: dict[str, datasets.DatasetDict], task: str, split: str, expected) -> None:
+    labels = real[task][split]["label"]
+    if isinstance(expected, dict):
+        assert Counter(labels) == expected
+    else:
+        assert np.mean(labels) == pytest.approx(expected, abs=5e-4)
 
 
-@needs_glue
-def test_real_row_contents(real: dict[str, datasets.DatasetDict]) -> None:
-    rte = real["rte"]["validation"][0]
-    assert rte["sentence2"] == "Christopher Reeve had an accident." and rte["label"] == 1
-    mrpc = real["mrpc"]["validation"][0]
-    # unbalanced quote kept verbatim (QUOTE_NONE)
-    assert mrpc["sentence2"].startswith('" The foodservice pie business') and mrpc["label"] == 1
-    cola = real["cola"]["train"][0]
-    assert cola["sentence"] == "Our friends won't buy this analysis, let alone the next one we propose."
-    assert cola["label"] == 1
-    assert real["cola"]["test"][0]["sentence"] == "Bill whistled past the house."
-    sst = real["sst2"]["train"][0]
-    assert sst == {"sentence": "hide new secretions from the parental units ", "label": 0, "idx": 0}
-    stsb = real["stsb"]["validation"][0]
-    assert stsb["sentence1"] == "A man with a hard hat is dancing." and stsb["label"] == pytest.approx(5.0)
-    qnli = real["qnli"]["validation"][0]
-    assert qnli["question"] == "What came into force after the new constitution was herald?" and qnli["label"] == 0
+@pytest.mark.parametrize(
+    ("task", "split", "i", "values"),
+    [(*key, value) for key, value in (ROW_CONTENTS if HAVE_GLUE_DIR else SAMPLE_ROW_CONTENTS).items()],
+)
+def test_real_row_contents(real: dict[str, datasets.DatasetDict], task: str, split: str, i: int, values) -> None:
+    row = real[task][split][i]
+    for key, value in values.items():
+        assert row[key] == (pytest.approx(value) if isinstance(value, float) else value), key
 
 
 # ---------------------------------------------------------------------------------------- synthetic MNLI/QQP
