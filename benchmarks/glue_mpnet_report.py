@@ -26,6 +26,7 @@ from pathlib import Path
 from scipy.stats import t as student_t
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from glue_table import wsa_name  # noqa: E402
 from mpnet_tuning_report import METRIC, TASKS, load  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -50,11 +51,17 @@ LABEL = {
     "pissa_d0": "PiSSA (no dropout, own lr)",
     "eva_own": "EVA (own lr)",
     "adalora": "AdaLoRA (paper recipe)",
+    "wsa": "WSA (held-out τ/λ; diagnostic)",
 }
 PENALTIES = ("dl2", "iwlora_sum", "iwlora_max")
 FAMILY = ("gradnorm", "pissa", "dora", "eva")  # the LoRA family's other members: the family's selected lr
 # Rows kept at 3 seeds as diagnostics once the row that replaces them (own held-out lr, PiSSA without dropout) exists.
 SUPERSEDED = {"pissa": "pissa_d0", "eva": "eva_own"}
+STAGE_NOTE = {  # rows whose configuration the held-out selection has not chosen yet
+    "pissa_d0": " (its lr: selection stage 3)",
+    "eva_own": " (its lr: selection stage 3)",
+    "wsa": " (its τ/λ: selection stage 4)",
+}
 
 
 def config(method: str, task: str, selection: dict) -> str | None:
@@ -68,6 +75,9 @@ def config(method: str, task: str, selection: dict) -> str | None:
         return "full_lr2e-5"
     if method == "adalora":
         return "adalora_paper"
+    if method == "wsa":  # its gate L1 λ and pruning τ from selection stage 4
+        w = chosen.get("wsa")
+        return wsa_name(w["lambda"], w["tau"], chosen["lr"]) if w else None
     if method in PENALTIES:
         return f"{method}_a{chosen[method]['alpha']}_lr{chosen['lr']}"
     return f"{method}_lr{chosen['lr']}"
@@ -175,12 +185,12 @@ def aggregate(runs: dict[str, dict], selection: dict) -> dict:
         "iwlora_max - dl2": paired("iwlora_max", "dl2"),
         **{
             f"{m} - lora": paired(m, "lora")
-            for m in ("full", "gradnorm", "pissa", "dora", "eva", "pissa_d0", "eva_own", "adalora")
+            for m in ("full", "gradnorm", "pissa", "dora", "eva", "pissa_d0", "eva_own", "adalora", "wsa")
             if m in cells
         },
     }
     missing = [
-        f"{t}/{config(m, t, selection) or m + ' (its lr: selection stage 3)'}: seeds "
+        f"{t}/{config(m, t, selection) or m + STAGE_NOTE.get(m, '')}: seeds "
         f"{sorted(set(range(1, 6)) - set(cells.get(m, {}).get(t, {})))}"
         for m in LABEL
         for t in TASKS
@@ -269,11 +279,7 @@ def markdown(agg: dict, selection: dict) -> str:
             f"| {key} | {v['coef_min']:.3f} | {v['coef_max']:.3f} | {v['coef_mean']:.3f} | "
             f"{100 * v['penalty_share_of_last_loss']:.0f} % |"
         )
-    out += (
-        ["", "## Not yet run", ""]
-        + [f"- {m}" for m in agg["missing"]]
-        + ["- SST-2 (every row, 3 seeds); the WSA τ/λ sweep (`glue_table.py --grid_cells`: `wsa_l*_t*`)."]
-    )
+    out += ["", "## Not yet run", ""] + [f"- {m}" for m in agg["missing"]] + ["- SST-2 (every row, 3 seeds)."]
     return "\n".join(out) + "\n"
 
 

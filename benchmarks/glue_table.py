@@ -152,6 +152,11 @@ GRID_FULL_LR = "2e-5"  # full fine-tuning of a base-size encoder (not tuned: the
 WSA_SWEEP = [("1e-3", "0.05"), ("1e-4", "0.01"), ("1e-5", "0.001"), ("0", "0")]
 
 
+def wsa_name(lam: str, tau: str, lr: str) -> str:
+    """The run name of WSA with gate L1 ``lam``, pruning threshold ``tau`` and learning rate ``lr``."""
+    return f"wsa_l{lam}_t{tau}_lr{lr}"
+
+
 def _adalora_paper_flags(task: str) -> list[str]:
     r = ADALORA_PAPER[task]
     return [
@@ -220,7 +225,7 @@ def _known(task: str, method: str) -> bool:
 def grid_cells(selection: dict) -> list[str]:
     """Every TASK/METHOD of the all-mpnet-base-v2 evidence grid from the held-out selection
     (``glue_mpnet_tuning.json``): LoRA and the three penalties at their selected α, the LoRA-family members at the
-    family's lr, AdaLoRA's paper recipe, full fine-tuning and the WSA sweep."""
+    family's lr, AdaLoRA's paper recipe, full fine-tuning and WSA at its held-out τ/λ (stage 4), once selected."""
     cells = []
     for task, chosen in selection["selection"].items():
         lr = chosen["lr"]
@@ -230,8 +235,15 @@ def grid_cells(selection: dict) -> list[str]:
         # Initialisation variants at their own held-out lr (stage 3 of the selection), once it is selected.
         cells += [f"{task}/{tune_name(m, chosen[m]['lr'])}" for m in ("pissa_d0", "eva") if m in chosen]
         cells += [f"{task}/adalora_paper", f"{task}/full_lr{GRID_FULL_LR}"]
-        cells += [f"{task}/wsa_l{lam}_t{tau}_lr{lr}" for lam, tau in WSA_SWEEP]
+        if "wsa" in chosen:
+            cells.append(f"{task}/{wsa_name(chosen['wsa']['lambda'], chosen['wsa']['tau'], lr)}")
     return cells
+
+
+def wsa_tune_cells(selection: dict) -> list[str]:
+    """The WSA sweep's held-out cells (stage 4 of the selection) of every task whose lr is selected."""
+    return [f"{task}/{wsa_name(lam, tau, chosen['lr'])}" for task, chosen in selection["selection"].items()
+            if chosen.get("lr") for lam, tau in WSA_SWEEP]  # fmt: skip
 
 
 def command(args: argparse.Namespace, task: str, method: str, seed: int, out: Path) -> list[str]:
@@ -524,6 +536,7 @@ def main() -> None:
     p.add_argument(
         "--grid_cells", default="", help="print the evidence grid's TASK/METHOD list of this selection file"
     )
+    p.add_argument("--wsa_tune_cells", default="", help="print the WSA sweep's held-out TASK/METHOD list (stage 4)")
     p.add_argument("--tune", action="store_true", help="tuning mode: stage 1 lr, stage 2 alpha (see above)")
     p.add_argument("--tune_lrs", default="2e-4,5e-4,1e-3")
     p.add_argument("--tune_seeds", default="1,2")
@@ -531,9 +544,10 @@ def main() -> None:
     p.add_argument("--tune_alphas", default="1e-4,1e-3,1e-2,1e-1")
     p.add_argument("--tune_stage2_seed", type=int, default=1)
     args = p.parse_args()
-    if args.grid_cells:
-        print(",".join(grid_cells(json.loads(Path(args.grid_cells).read_text()))))
-        return
+    for flag, cells_of in (("grid_cells", grid_cells), ("wsa_tune_cells", wsa_tune_cells)):
+        if getattr(args, flag):
+            print(",".join(cells_of(json.loads(Path(getattr(args, flag)).read_text()))))
+            return
     if not args.model or not args.glue_dir:
         p.error("--model and --glue_dir are required")
     if args.code_dir:  # the metric mapping too comes from that copy

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from glue_table import COMMON, PROTOCOL, TUNE_FAMILIES, method_flags, tune_name  # noqa: E402
+from glue_table import COMMON, PROTOCOL, TUNE_FAMILIES, WSA_SWEEP, method_flags, tune_name, wsa_name  # noqa: E402
 
 TASKS = ("rte", "mrpc", "stsb", "cola")
 METRIC = {  # the task's GLUE objective, as iwtrainer's objective_metric maps it
@@ -38,6 +38,9 @@ STAGE2_SEED = 1
 INIT_FAMILIES = ("pissa_d0", "eva")
 INIT_LRS = ("1e-4", "3e-4", "1e-3")
 INIT_SEEDS = (1, 2)
+# Stage 4: WSA's gate L1 λ and pruning threshold τ (the specified λ = 1e-3, τ = 0.05 prunes every direction) at the
+# family's selected lr, one seed each: WSA is a diagnostic row, its configuration still chosen without the dev set.
+WSA_SEEDS = (1,)
 DEV_SEEDS = (1, 2, 3, 4, 5)
 MODEL = "all-mpnet-base-v2"
 
@@ -78,6 +81,7 @@ def summarize(recs: dict[str, dict], dev: dict[str, dict], split: dict | None) -
             "stage1": {"family": "lora (--iw_alpha 0)", "lrs": LRS, "seeds": STAGE1_SEEDS, "select": "best mean"},
             "stage2": {"methods": PENALTIES, "alphas": ALPHAS, "seed": STAGE2_SEED, "select": "best score"},
             "stage3": {"families": INIT_FAMILIES, "lrs": INIT_LRS, "seeds": INIT_SEEDS, "select": "best mean"},
+            "stage4": {"wsa_lambda_tau": WSA_SWEEP, "seeds": WSA_SEEDS, "select": "best mean"},
             "selection_metric": {t: METRIC_NAME[t] for t in TASKS},
             "data": "train on 85 % of each task's train.tsv, score on the other 15 % (never the GLUE dev set)",
             "code": ".gpu/code: a frozen copy of run_glue_iw.py + iwtrainer (commit 7c4490b)",
@@ -86,6 +90,7 @@ def summarize(recs: dict[str, dict], dev: dict[str, dict], split: dict | None) -
         "stage1": {},
         "stage2": {},
         "stage3": {},
+        "stage4": {},
         "selection": {},
         "dev_cells": [],
     }
@@ -127,6 +132,19 @@ def summarize(recs: dict[str, dict], dev: dict[str, dict], split: dict | None) -
             if None not in means.values():
                 best = max(INIT_LRS, key=lambda x: (means[x], -INIT_LRS.index(x)))
                 sel[family] = {"lr": best, "heldout_mean": means[best]}
+        out["stage4"][task] = {}
+        for lam, tau in WSA_SWEEP:
+            runs = [recs.get(f"{task}/{wsa_name(lam, tau, lr)}/{x}") for x in WSA_SEEDS]
+            out["stage4"][task][f"{lam}/{tau}"] = {
+                "heldout_mean": mean([score(recs, task, wsa_name(lam, tau, lr), x) for x in WSA_SEEDS]),
+                # directions left after pruning (of 72 × 8): 0 is the "prunes everything" failure
+                "r_eff_total": None if None in runs else [r.get("wsa", {}).get("r_eff_total") for r in runs],
+            }
+        wsa = out["stage4"][task]
+        if all(v["heldout_mean"] is not None for v in wsa.values()):
+            best = max(wsa, key=lambda k: (wsa[k]["heldout_mean"], -list(wsa).index(k)))
+            lam, tau = best.split("/")
+            sel["wsa"] = {"lambda": lam, "tau": tau, "heldout_mean": wsa[best]["heldout_mean"]}
         out["selection"][task] = sel
     out["runs"] = {
         key: {
@@ -271,6 +289,26 @@ def markdown(s: dict) -> str:
         for family, means in s["stage3"].get(task, {}).items():
             chosen = s["selection"][task].get(family, {}).get("lr", "–")
             lines.append(f"| {task} | {family} | " + " | ".join(fmt(means[x]) for x in INIT_LRS) + f" | {chosen} |")
+    lines += [
+        "",
+        "## Stage 4: WSA's gate L1 λ and pruning threshold τ at the family's lr (seed 1)",
+        "",
+        "Held-out score (in brackets: the directions left after pruning, r_eff summed over the 72 matrices; 0 = WSA "
+        "pruned everything).",
+        "",
+        "| task | " + " | ".join(f"λ {lam}, τ {tau}" for lam, tau in WSA_SWEEP) + " | selected |",
+        "|---|" + "---|" * len(WSA_SWEEP) + "---|",
+    ]
+    for task in TASKS:
+        st = s["stage4"].get(task, {})
+        cells = []
+        for lam, tau in WSA_SWEEP:
+            v = st.get(f"{lam}/{tau}", {})
+            kept = v.get("r_eff_total")
+            cells.append(fmt(v.get("heldout_mean")) + (f" ({', '.join(map(str, kept))})" if kept else ""))
+        chosen = s["selection"][task].get("wsa")
+        picked = f"λ {chosen['lambda']}, τ {chosen['tau']}" if chosen else "–"
+        lines.append(f"| {task} | " + " | ".join(cells) + f" | {picked} |")
     lines += [
         "",
         "## Selection",
