@@ -38,8 +38,7 @@ class OnlineSensitivity:
         inner = unwrap_model(model)
         self.targets = find_lora_targets(inner, adapter_name)
         device = next(inner.parameters()).device
-        buffered = gradient_accumulation_steps > 1 or world_size() > 1
-        self.sums = WeightGradNorms(self.targets, device, buffered=buffered)
+        self.sums = WeightGradNorms.for_batches(self.targets, device, gradient_accumulation_steps)
         self.totals = torch.zeros(len(self.targets), dtype=torch.float64, device=device)
         self.steps = 0
         self._handles = [t.module.register_forward_hook(self._hook(i)) for i, t in enumerate(self.targets)]

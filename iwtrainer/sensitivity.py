@@ -299,6 +299,12 @@ class WeightGradNorms:
     the norms.
     """
 
+    @classmethod
+    def for_batches(cls, targets: list[LoraTarget], device: torch.device, micro_batches: int) -> WeightGradNorms:
+        """Buffered exactly when a batch's sums span micro-batches or ranks (``micro_batches`` > 1 or
+        ``torch.distributed``): one micro-batch per batch on one process reduces each sum during the backward pass."""
+        return cls(targets, device, buffered=micro_batches > 1 or _distributed())
+
     def __init__(self, targets: list[LoraTarget], device: torch.device, buffered: bool):
         self.flat, self.accs = flat_buffers(targets, device) if buffered else (None, [])
         self.norms = torch.zeros(len(targets), device=device, dtype=torch.float32)  # unbuffered: this batch's
@@ -400,7 +406,7 @@ def compute_sensitivities(
 
     # One micro-batch per batch on one process: each target's sum is reduced to its norm during the backward pass;
     # otherwise the batch's sums must outlive it (see the module docstring for the sizes).
-    sums = WeightGradNorms(targets, device, buffered=gradient_accumulation_steps > 1 or _distributed())
+    sums = WeightGradNorms.for_batches(targets, device, gradient_accumulation_steps)
     totals = torch.zeros(len(targets), device=device, dtype=torch.float64)
     examples = torch.zeros((), device=device, dtype=torch.float64)
 
