@@ -76,6 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_step import (  # noqa: E402
+    STEP_STAGES,
     calibration_cost,
     make_step,
     paired_ratio,
@@ -319,7 +320,8 @@ def _memory_of(out: dict, loader: Loader, variant: str, alpha: float, batches: l
                calib_batches=n2, gradient_accumulation_steps=2, **info)  # fmt: skip
     method = _method(model, alpha, tmp, sens)
     stages: list[dict] = []  # per step and stage: the peak since the previous stage ended, and what stays allocated
-    step = make_step(name, *method, probe=lambda stage: stages.append(_stage_peak(stage, len(stages) // 4)))
+    probe = lambda stage: stages.append(_stage_peak(stage, len(stages) // len(STEP_STAGES)))  # noqa: E731
+    step = make_step(name, *method, probe=probe)
     _phase(out, name, lambda: [step(b) for b in batches[: args.mem_steps]], steps=args.mem_steps, **info)
     out[name]["stages"] = stages
     if _cuda():  # the stages reset the counter: the phase's peak is the largest of theirs

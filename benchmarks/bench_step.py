@@ -143,6 +143,9 @@ def build_methods(base: torch.nn.Module, batches: list[dict], out: str) -> dict[
     }
 
 
+STEP_STAGES = ("forward", "backward", "penalty", "optimizer")  # where make_step's probe runs, in order
+
+
 def make_step(
     name: str,
     trainer: IWTrainer,
@@ -153,8 +156,8 @@ def make_step(
 ) -> Callable:
     """One Trainer step: ``compute_loss`` through ``runner`` (the compiled wrapper, else the model) under bf16
     autocast, backward, IW's closed-form penalty gradient after it (``add_penalty_grad``, as ``training_step`` adds
-    it), optimizer step, zero_grad. ``probe(stage)``, when given, runs after each stage (``forward``, ``backward``,
-    ``penalty``, ``optimizer``): a memory benchmark reads and resets its peak counter there."""
+    it), optimizer step, zero_grad. ``probe(stage)``, when given, runs after each stage of ``STEP_STAGES``: a memory
+    benchmark reads and resets its peak counter there."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     counter = {"step": 0}
     runner = model if runner is None else runner
@@ -547,6 +550,12 @@ def bench_compiled(
     return result
 
 
+def _method_rows(methods: dict[str, dict], modes: list[str], cell: Callable[[dict], str]) -> list[str]:
+    """One table row per method: ``cell`` of its entry in each mode (an empty dict where the mode has none)."""
+    return [f"| {method} | " + " | ".join(cell(by_mode.get(m, {})) for m in modes) + " |"
+            for method, by_mode in methods.items()]  # fmt: skip
+
+
 def compiled_markdown(r: dict) -> list[str]:
     if not r.get("complete", True):  # stopped before its timing: the warm-ups that finished
         return [f"## {r['model']}: torch.compile — stopped before the timing; warm-ups that finished", "",
@@ -559,14 +568,11 @@ def compiled_markdown(r: dict) -> list[str]:
         "| method | " + " | ".join(f"{m} ms/step (× eager)" for m in modes) + " |",
         "|---|" + "---:|" * len(modes),
     ]
-    for method, by_mode in r["methods"].items():
-        cells = []
-        for m in modes:
-            e = by_mode.get(m, {})
-            cells.append(
-                e["error"] if "error" in e else f"{e['ms_per_step']:.2f} ({e.get('ratio_vs_eager', float('nan')):.3f})"
-            )
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+
+    def speed(e: dict) -> str:
+        return e["error"] if "error" in e else f"{e['ms_per_step']:.2f} ({e.get('ratio_vs_eager', float('nan')):.3f})"
+
+    lines += _method_rows(r["methods"], modes, speed)
     compiled = [m for m in modes if m != "none"]
     lines += [
         "",
@@ -578,16 +584,15 @@ def compiled_markdown(r: dict) -> list[str]:
         "| method | " + " | ".join(compiled) + " |",
         "|---|" + "---:|" * len(compiled),
     ]
-    for method, by_mode in r["methods"].items():
-        cells = []
-        for m in compiled:
-            e = by_mode.get(m, {})
-            cells.append(
-                "–"
-                if "compile_s" not in e
-                else f"{e['compile_s']:.1f} s, {e['frames']} / {e['graphs']} / {e['graph_breaks']}"
-            )
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+
+    def compile_cost(e: dict) -> str:
+        return (
+            "–"
+            if "compile_s" not in e
+            else f"{e['compile_s']:.1f} s, {e['frames']} / {e['graphs']} / {e['graph_breaks']}"
+        )
+
+    lines += _method_rows(r["methods"], compiled, compile_cost)
     d = r["dynamo_while_timing"]
     lines += [
         "",

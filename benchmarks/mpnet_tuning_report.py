@@ -135,10 +135,11 @@ def summarize(recs: dict[str, dict], dev: dict[str, dict], split: dict | None) -
         out["stage4"][task] = {}
         for lam, tau in WSA_SWEEP:
             runs = [recs.get(f"{task}/{wsa_name(lam, tau, lr)}/{x}") for x in WSA_SEEDS]
+            done = None not in runs
             out["stage4"][task][f"{lam}/{tau}"] = {
-                "heldout_mean": mean([score(recs, task, wsa_name(lam, tau, lr), x) for x in WSA_SEEDS]),
-                # directions left after pruning (of 72 × 8): 0 is the "prunes everything" failure
-                "r_eff_total": None if None in runs else [r.get("wsa", {}).get("r_eff_total") for r in runs],
+                "heldout_mean": mean([r["results"][METRIC[task]] for r in runs]) if done else None,
+                # the directions left after pruning, summed over the targets: 0 is the "prunes everything" failure
+                "r_eff_total": [r.get("wsa", {}).get("r_eff_total") for r in runs] if done else None,
             }
         wsa = out["stage4"][task]
         if all(v["heldout_mean"] is not None for v in wsa.values()):
