@@ -172,14 +172,14 @@ class IWPenalty:
     def _replay(self, scale: float) -> tuple[torch.Tensor, list]:
         ptrs = tuple(p.data_ptr() for a_list, b_list, _ in self._groups for p in (*a_list, *b_list))
         if self._graph is None or self._graph_key != (scale, ptrs):  # factors moved or were replaced: recapture
-            stream = torch.cuda.Stream()
+            stream = _capture_stream(self._groups[0][2].device)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up outside capture (cuBLAS workspaces, allocator)
                     self._grad_math(scale)
             torch.cuda.current_stream().wait_stream(stream)
             self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
+            with torch.cuda.graph(self._graph, stream=stream):
                 value, grads = self._grad_math(scale)
             self._graph_out = (value, [(d_a.unbind(0), d_b.unbind(0)) for d_a, d_b in grads])
             self._graph_key = (scale, ptrs)
@@ -197,6 +197,22 @@ class IWPenalty:
         if key not in self._w2_cache:  # α is fixed for a run: build once
             self._w2_cache[key] = (weight * (2 * scale)).view(-1, 1, 1)
         return self._w2_cache[key]
+
+
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream of ``device`` on which every penalty graph is warmed up and captured.
+
+    cuBLAS keeps a workspace for each stream it runs on (32 MiB on Hopper) for the life of the process. Warming up on a
+    new stream and capturing on torch's default capture stream used two: after its first penalty an IW step held
+    69 MiB more than LoRA's on an H200 (benchmarks/results/qlora.md, stage table), two workspaces and the graph's
+    5 MiB of outputs; and every recapture (a search's next trial, replaced factors) would have added one more.
+    """
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    return _CAPTURE_STREAMS[device]
 
 
 def _accumulate_grads(params: list[nn.Parameter], grads: Sequence[torch.Tensor]) -> None:

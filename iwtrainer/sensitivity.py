@@ -410,7 +410,9 @@ def compute_sensitivities(
     totals = torch.zeros(len(targets), device=device, dtype=torch.float64)
     examples = torch.zeros((), device=device, dtype=torch.float64)
 
-    was_training = inner.training
+    # Every module's own flag, restored afterwards: ``inner.train(was_training)`` would switch on the dropouts of a
+    # base model that from_pretrained left in eval mode under peft's (training) wrapper.
+    modes = [(m, m.training) for m in inner.modules()]
     taps = _CallTaps(targets, sums, device)
     is_main = not _distributed() or dist.get_rank() == 0
     bar = tqdm(total=num_steps, desc="IW calibration", disable=not (show_progress and is_main), leave=False)
@@ -460,7 +462,8 @@ def compute_sensitivities(
     finally:
         taps.remove()
         bar.close()
-        inner.train(was_training)
+        for module, training in modes:
+            module.training = training
         if hasattr(iterator, "close"):
             iterator.close()
         end = getattr(batches, "end", None)

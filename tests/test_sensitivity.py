@@ -75,6 +75,21 @@ def test_leaves_model_and_grads_untouched():
     assert all(not base_weight(t).requires_grad for t in find_lora_targets(model))
 
 
+def test_restores_every_modules_mode():
+    """A model as from_pretrained + get_peft_model leaves it (base in eval mode, peft's new layers training) keeps
+    each module's own flag: calibration used to end with ``train(True)`` on the whole model, which switched the
+    base model's dropouts on (one method of a benchmark then ran dropouts the others did not)."""
+    model = tiny_lora("bert", init_lora_weights=False)
+    model.train()
+    model.base_model.model.eval()
+    for t in find_lora_targets(model):
+        t.module.lora_dropout.train()
+    before = {name: m.training for name, m in model.named_modules()}
+    assert len(set(before.values())) == 2  # a mixed model, else the test shows nothing
+    compute_sensitivities(model, batches(RandomClassification(n=16), 8), num_steps=2, show_progress=False)
+    assert {name: m.training for name, m in model.named_modules()} == before
+
+
 def test_invariant_to_accumulation_split():
     """A batch of 16 gives the same s_k as two accumulated micro-batches of 8."""
     model = tiny_lora("bert", init_lora_weights=False)
