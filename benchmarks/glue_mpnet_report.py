@@ -51,7 +51,7 @@ LABEL = {
     "pissa_d0": "PiSSA (no dropout, own lr)",
     "eva_own": "EVA (own lr)",
     "adalora": "AdaLoRA (paper recipe)",
-    "wsa": "WSA (held-out τ/λ; diagnostic)",
+    "wsa": "WSA (held-out λ/τ/lr; diagnostic)",
 }
 PENALTIES = ("dl2", "iwlora_sum", "iwlora_max")
 FAMILY = ("gradnorm", "pissa", "dora", "eva")  # the LoRA family's other members: the family's selected lr
@@ -77,7 +77,7 @@ def config(method: str, task: str, selection: dict) -> str | None:
         return "adalora_paper"
     if method == "wsa":  # its gate L1 λ and pruning τ from selection stage 4
         w = chosen.get("wsa")
-        return wsa_name(w["lambda"], w["tau"], chosen["lr"]) if w else None
+        return wsa_name(w["lambda"], w["tau"], w.get("lr", chosen["lr"])) if w else None
     if method in PENALTIES:
         return f"{method}_a{chosen[method]['alpha']}_lr{chosen['lr']}"
     return f"{method}_lr{chosen['lr']}"

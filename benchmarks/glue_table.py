@@ -149,7 +149,16 @@ ADALORA_PAPER: dict[str, dict[str, str]] = {
 }
 GRID_FULL_LR = "2e-5"  # full fine-tuning of a base-size encoder (not tuned: the usual value)
 # WSA diagnostic sweep: λ of the gate L1 × τ of the pruning (the specified λ=1e-3, τ=0.05 prunes every direction).
-WSA_SWEEP = [("1e-3", "0.05"), ("1e-4", "0.01"), ("1e-5", "0.001"), ("0", "0")]
+WSA_SWEEP = [("1e-3", "0.05"), ("1e-4", "0.01"), ("1e-5", "0.001"), ("0", "0")]  # λ, τ at the family's lr
+# Every point of that sweep collapsed on every task, λ = 0 / τ = 0 included (the family's lr is too large for updates
+# of the top singular vectors): WSA's own lr, without the gate penalty and with the mildest pruning that still prunes.
+WSA_LOW_LR = [("0", "0", lr) for lr in ("1e-5", "3e-5", "1e-4")] + [("1e-4", "0.01", lr) for lr in ("3e-5", "1e-4")]
+
+
+def wsa_points(family_lr: str) -> list[tuple[str, str, str]]:
+    """Stage 4's (λ, τ, lr) points of a task whose family lr is ``family_lr``."""
+    points = [(lam, tau, family_lr) for lam, tau in WSA_SWEEP]
+    return points + [p for p in WSA_LOW_LR if p not in points]
 
 
 def wsa_name(lam: str, tau: str, lr: str) -> str:
@@ -236,14 +245,15 @@ def grid_cells(selection: dict) -> list[str]:
         cells += [f"{task}/{tune_name(m, chosen[m]['lr'])}" for m in ("pissa_d0", "eva") if m in chosen]
         cells += [f"{task}/adalora_paper", f"{task}/full_lr{GRID_FULL_LR}"]
         if "wsa" in chosen:
-            cells.append(f"{task}/{wsa_name(chosen['wsa']['lambda'], chosen['wsa']['tau'], lr)}")
+            w = chosen["wsa"]
+            cells.append(f"{task}/{wsa_name(w['lambda'], w['tau'], w.get('lr', lr))}")
     return cells
 
 
 def wsa_tune_cells(selection: dict) -> list[str]:
     """The WSA sweep's held-out cells (stage 4 of the selection) of every task whose lr is selected."""
-    return [f"{task}/{wsa_name(lam, tau, chosen['lr'])}" for task, chosen in selection["selection"].items()
-            if chosen.get("lr") for lam, tau in WSA_SWEEP]  # fmt: skip
+    return [f"{task}/{wsa_name(*point)}" for task, chosen in selection["selection"].items()
+            if chosen.get("lr") for point in wsa_points(chosen["lr"])]  # fmt: skip
 
 
 def command(args: argparse.Namespace, task: str, method: str, seed: int, out: Path) -> list[str]:

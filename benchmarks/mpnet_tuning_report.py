@@ -18,7 +18,17 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from glue_table import COMMON, PROTOCOL, TUNE_FAMILIES, WSA_SWEEP, method_flags, tune_name, wsa_name  # noqa: E402
+from glue_table import (  # noqa: E402
+    COMMON,
+    PROTOCOL,
+    TUNE_FAMILIES,
+    WSA_LOW_LR,
+    WSA_SWEEP,
+    method_flags,
+    tune_name,
+    wsa_name,
+    wsa_points,
+)
 
 TASKS = ("rte", "mrpc", "stsb", "cola")
 METRIC = {  # the task's GLUE objective, as iwtrainer's objective_metric maps it
@@ -39,7 +49,8 @@ INIT_FAMILIES = ("pissa_d0", "eva")
 INIT_LRS = ("1e-4", "3e-4", "1e-3")
 INIT_SEEDS = (1, 2)
 # Stage 4: WSA's gate L1 λ and pruning threshold τ (the specified λ = 1e-3, τ = 0.05 prunes every direction) at the
-# family's selected lr, one seed each: WSA is a diagnostic row, its configuration still chosen without the dev set.
+# family's selected lr, then at lower lrs (glue_table.wsa_points), one seed each: WSA is a diagnostic row, its
+# configuration still chosen without the dev set.
 WSA_SEEDS = (1,)
 DEV_SEEDS = (1, 2, 3, 4, 5)
 MODEL = "all-mpnet-base-v2"
@@ -81,7 +92,12 @@ def summarize(recs: dict[str, dict], dev: dict[str, dict], split: dict | None) -
             "stage1": {"family": "lora (--iw_alpha 0)", "lrs": LRS, "seeds": STAGE1_SEEDS, "select": "best mean"},
             "stage2": {"methods": PENALTIES, "alphas": ALPHAS, "seed": STAGE2_SEED, "select": "best score"},
             "stage3": {"families": INIT_FAMILIES, "lrs": INIT_LRS, "seeds": INIT_SEEDS, "select": "best mean"},
-            "stage4": {"wsa_lambda_tau": WSA_SWEEP, "seeds": WSA_SEEDS, "select": "best mean"},
+            "stage4": {
+                "wsa_lambda_tau_at_family_lr": WSA_SWEEP,
+                "wsa_lambda_tau_lr": WSA_LOW_LR,
+                "seeds": WSA_SEEDS,
+                "select": "best mean",
+            },  # fmt: skip
             "selection_metric": {t: METRIC_NAME[t] for t in TASKS},
             "data": "train on 85 % of each task's train.tsv, score on the other 15 % (never the GLUE dev set)",
             "code": ".gpu/code: a frozen copy of run_glue_iw.py + iwtrainer (commit 7c4490b)",
@@ -133,10 +149,10 @@ def summarize(recs: dict[str, dict], dev: dict[str, dict], split: dict | None) -
                 best = max(INIT_LRS, key=lambda x: (means[x], -INIT_LRS.index(x)))
                 sel[family] = {"lr": best, "heldout_mean": means[best]}
         out["stage4"][task] = {}
-        for lam, tau in WSA_SWEEP:
-            runs = [recs.get(f"{task}/{wsa_name(lam, tau, lr)}/{x}") for x in WSA_SEEDS]
+        for lam, tau, wlr in wsa_points(lr):
+            runs = [recs.get(f"{task}/{wsa_name(lam, tau, wlr)}/{x}") for x in WSA_SEEDS]
             done = None not in runs
-            out["stage4"][task][f"{lam}/{tau}"] = {
+            out["stage4"][task][f"{lam}/{tau}/{wlr}"] = {
                 "heldout_mean": mean([r["results"][METRIC[task]] for r in runs]) if done else None,
                 # the directions left after pruning, summed over the targets: 0 is the "prunes everything" failure
                 "r_eff_total": [r.get("wsa", {}).get("r_eff_total") for r in runs] if done else None,
@@ -144,8 +160,8 @@ def summarize(recs: dict[str, dict], dev: dict[str, dict], split: dict | None) -
         wsa = out["stage4"][task]
         if all(v["heldout_mean"] is not None for v in wsa.values()):
             best = max(wsa, key=lambda k: (wsa[k]["heldout_mean"], -list(wsa).index(k)))
-            lam, tau = best.split("/")
-            sel["wsa"] = {"lambda": lam, "tau": tau, "heldout_mean": wsa[best]["heldout_mean"]}
+            lam, tau, wlr = best.split("/")
+            sel["wsa"] = {"lambda": lam, "tau": tau, "lr": wlr, "heldout_mean": wsa[best]["heldout_mean"]}
         out["selection"][task] = sel
     out["runs"] = {
         key: {
@@ -292,24 +308,30 @@ def markdown(s: dict) -> str:
             lines.append(f"| {task} | {family} | " + " | ".join(fmt(means[x]) for x in INIT_LRS) + f" | {chosen} |")
     lines += [
         "",
-        "## Stage 4: WSA's gate L1 λ and pruning threshold τ at the family's lr (seed 1)",
+        "## Stage 4: WSA's gate L1 λ, pruning threshold τ and lr (seed 1)",
         "",
         "Held-out score (in brackets: the directions left after pruning, r_eff summed over the 72 matrices; 0 = WSA "
-        "pruned everything).",
+        "pruned everything, 1152 = nothing pruned). The first rows are at the family's selected lr, the others at "
+        "WSA's own lower lrs.",
         "",
-        "| task | " + " | ".join(f"λ {lam}, τ {tau}" for lam, tau in WSA_SWEEP) + " | selected |",
-        "|---|" + "---|" * len(WSA_SWEEP) + "---|",
+        "| λ, τ, lr | " + " | ".join(TASKS) + " |",
+        "|---|" + "---|" * len(TASKS),
     ]
-    for task in TASKS:
-        st = s["stage4"].get(task, {})
-        cells = []
-        for lam, tau in WSA_SWEEP:
-            v = st.get(f"{lam}/{tau}", {})
-            kept = v.get("r_eff_total")
-            cells.append(fmt(v.get("heldout_mean")) + (f" ({', '.join(map(str, kept))})" if kept else ""))
-        chosen = s["selection"][task].get("wsa")
-        picked = f"λ {chosen['lambda']}, τ {chosen['tau']}" if chosen else "–"
-        lines.append(f"| {task} | " + " | ".join(cells) + f" | {picked} |")
+
+    def wsa_cell(task: str, key: str) -> str:
+        v = s["stage4"].get(task, {}).get(key, {})
+        kept = v.get("r_eff_total")
+        return fmt(v.get("heldout_mean")) + (f" ({', '.join(map(str, kept))})" if kept else "")
+
+    for lam, tau in WSA_SWEEP:
+        keys = [f"{lam}/{tau}/{s['selection'][t]['lr']}" for t in TASKS]
+        lines.append(f"| λ {lam}, τ {tau}, family lr | " + " | ".join(map(wsa_cell, TASKS, keys)) + " |")
+    for lam, tau, wlr in WSA_LOW_LR:
+        keys = [f"{lam}/{tau}/{wlr}"] * len(TASKS)
+        lines.append(f"| λ {lam}, τ {tau}, lr {wlr} | " + " | ".join(map(wsa_cell, TASKS, keys)) + " |")
+    picked = [s["selection"][t].get("wsa") for t in TASKS]
+    lines.append("| **selected** | " + " | ".join(
+        f"λ {w['lambda']}, τ {w['tau']}, lr {w['lr']}" if w else "–" for w in picked) + " |")  # fmt: skip
     lines += [
         "",
         "## Selection",

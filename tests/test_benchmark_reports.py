@@ -61,3 +61,23 @@ def test_mpnet_collapse_is_the_constant_prediction() -> None:
     assert mpnet.collapsed(runs["mrpc/pissa_lr1e-3/1"]) and not mpnet.collapsed(runs["mrpc/lora_lr1e-3/1"])
     assert mpnet.score(runs["stsb/pissa_lr1e-3/1"]) == 0.0  # an undefined (NaN) correlation scores 0
     assert math.isnan(runs["stsb/pissa_lr1e-3/1"]["results"]["eval_pearson"])
+
+
+def test_wsa_stage4_selects_the_best_held_out_point_of_every_task() -> None:
+    """Stage 4's selection, recomputed from the tuning runs by hand: the best seed-1 held-out score over the (λ, τ)
+    sweep at the family lr and the lower-lr points, earliest point on ties; the grid's WSA cell is that point."""
+    import glue_table
+
+    tuning = json.loads((RESULTS / "glue_mpnet_tuning.json").read_text())
+    runs = {json.loads(line)["key"]: json.loads(line) for line in (RESULTS / "glue_mpnet_tuning.jsonl").open()}
+    cells = glue_table.grid_cells(tuning)
+    for task, chosen in tuning["selection"].items():
+        points = [(lam, tau, chosen["lr"]) for lam, tau in glue_table.WSA_SWEEP] + glue_table.WSA_LOW_LR
+        assert glue_table.wsa_points(chosen["lr"]) == points  # no family lr is one of the low ones here
+        scores = {}
+        for lam, tau, lr in points:
+            value = runs[f"{task}/wsa_l{lam}_t{tau}_lr{lr}/1"]["results"][mpnet.METRIC[task]]
+            scores[(lam, tau, lr)] = -math.inf if math.isnan(value) else value
+        best = max(points, key=lambda p: (scores[p], -points.index(p)))
+        assert (chosen["wsa"]["lambda"], chosen["wsa"]["tau"], chosen["wsa"]["lr"]) == best
+        assert f"{task}/wsa_l{best[0]}_t{best[1]}_lr{best[2]}" in cells
