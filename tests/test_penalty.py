@@ -117,3 +117,19 @@ def test_closed_form_gradient_matches_autograd(kind, form):
     penalty.add_grad_(scale=3.0)  # accumulates like autograd would
     for p, e, w in zip(params, existing, want):
         torch.testing.assert_close(p.grad, e + w, rtol=1e-10, atol=1e-14)
+
+
+def test_gradient_lands_on_each_factor_with_some_grads_missing():
+    """One foreach over every factor of every shape group: each factor gets its own slice of the stacked result,
+    whether its ``.grad`` existed (accumulated) or not (set), in a model whose targets form several shape groups."""
+    model = tiny_lora("gpt2", init_lora_weights=False).double()
+    targets = find_lora_targets(model)
+    assert len({(t.lora_A.shape, t.lora_B.shape) for t in targets}) > 1
+    coefs = {t.name: 0.1 * (i + 1) for i, t in enumerate(targets)}
+    params = [p for t in targets for p in (t.lora_A, t.lora_B)]
+    want = torch.autograd.grad(explicit_penalty(targets, coefs, "delta"), params)
+    for i, p in enumerate(params):
+        p.grad = torch.full_like(p, float(i)) if i % 3 == 0 else None
+    IWPenalty(targets, coefs).add_grad_()
+    for i, (p, w) in enumerate(zip(params, want)):
+        torch.testing.assert_close(p.grad, w + (i if i % 3 == 0 else 0), rtol=1e-10, atol=1e-14)
