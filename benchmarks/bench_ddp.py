@@ -1,33 +1,52 @@
-"""1 GPU vs N GPUs with the same global batch, through ``accelerate launch run_glue_iw.py`` (``torchrun`` with gloo
-under ``--cpu``): same sensitivities? matching loss curves? how much faster?
+"""1 GPU vs N GPUs, through ``accelerate launch run_glue_iw.py`` (``torchrun`` with gloo under ``--cpu``): at the same
+global batch, same sensitivities? matching loss curves? how much faster? At the same per-device batch (the way GPUs
+are usually added), how close to N× the samples/s?
 
-Each pair trains IW-LoRA (``sum``, α=1e-4, r=8) on one GLUE task twice: on 1 process with batch B, then on N
-processes with batch B/N each (same seed, same global batch, same steps). It compares the two runs' calibrated
-sensitivities (relative difference, Spearman of the ranking, coefficient difference), their logged loss curves and
-final dev metric, and the training throughput: samples/s of the whole ``train()`` (what run_glue reports, calibration
-included) and of the steps alone (calibration time taken out). Runs are sequential, so timings never overlap.
+Each pair trains one GLUE task twice, on 1 process and on N processes (same seed, same steps), with IW-LoRA (``sum``,
+α=1e-4, r=8) and, with ``--methods iw,lora``, again with plain LoRA (``--iw_alpha 0``: no calibration, no
+penalty). A pair's batch is either the *global* batch B (default: 1 process trains batch B, N processes B/N each) or,
+with the ``per_device`` tag, the *per-device* batch B (1 process trains batch B, N processes B each: N× the global
+batch and N× the samples per step). Global pairs compare the two runs' calibrated sensitivities (relative difference,
+Spearman of the ranking, coefficient difference), their logged loss curves and final dev metric; per-device pairs
+report the throughput ratios (samples/s N ÷ samples/s 1, ideally N) and the sensitivity Spearman only as information
+(different global batches: the sensitivities need not agree). Throughput is measured three ways: samples/s of the
+whole ``train()`` (what run_glue reports, calibration and compile included), of the steps alone (calibration time
+taken out) and *steady* (from the 2nd to the last logged step, timed by the arrival of rank 0's log lines: compile
+warm-up and calibration left out; needs at least 3 logged steps). ``--torch_compile MODE[,MODE...]`` runs every pair
+and method once per mode (``none`` = eager; else the Trainer's ``--torch_compile true --torch_compile_mode MODE`` in
+both runs). Runs are sequential, so timings never overlap.
 
     python benchmarks/bench_ddp.py --model MINILM_DIR --glue_dir GLUE_DIR --nproc 2 --out benchmarks/results/ddp
     python benchmarks/bench_ddp.py ... --deberta_shapes --calib_steps 50 --pairs bf16:32:150,bf16:128:60 \\
         --max_train_samples 20000 --out benchmarks/results/ddp_deberta
+    python benchmarks/bench_ddp.py ... --pairs bf16:32:400:per_device --methods iw,lora --torch_compile none,default \\
+        --calib_steps 50 --logging_steps 20 --out benchmarks/results/ddp_per_device
     python benchmarks/bench_ddp.py ... --cpu --pairs fp32:8:6:nodrop --max_train_samples 256   # CPU smoke test
 
-Pairs are ``PRECISION:GLOBAL_BATCH:STEPS[:nodrop]``: fp32 shows the equivalence without bf16 round-off; ``nodrop``
-turns every dropout off (encoder config and LoRA), so the two runs see the same samples through the same function
-and their loss curves must agree to float round-off (with dropout, each rank draws its own masks: the curves agree
-only statistically); bf16 at batch 32 is the GLUE grid's setting; bf16 at a larger batch tests whether more work
-per GPU lets data parallelism pay off. The 1-process run sees one GPU (``CUDA_VISIBLE_DEVICES``), else the Trainer
-would wrap the model in ``nn.DataParallel`` over all of them and double its batch.
+Pairs are ``PRECISION:BATCH:STEPS[:nodrop][:per_device]`` (tags in any order): fp32 shows the equivalence without
+bf16 round-off; ``nodrop`` turns every dropout off (encoder config and LoRA), so the two runs of a global pair see
+the same samples through the same function and their loss curves must agree to float round-off (with dropout, each
+rank draws its own masks: the curves agree only statistically); bf16 at batch 32 is the GLUE grid's setting; bf16 at
+a larger batch tests whether more work per GPU lets data parallelism pay off; ``per_device`` makes BATCH the
+per-device batch (a global BATCH must be divisible by ``--nproc``). The 1-process run sees one GPU
+(``CUDA_VISIBLE_DEVICES``), else the Trainer would wrap the model in ``nn.DataParallel`` over all of them and double
+its batch. Compiled runs: keep STEPS × the N-process global batch within the training rows (no short last batch of
+an epoch, which would recompile mid-run).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shlex
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from scipy.stats import spearmanr
@@ -37,6 +56,74 @@ sys.path.insert(0, str(ROOT))
 from iwtrainer.glue.tasks import objective_metric  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+DEFAULT_PAIRS = "fp32:32:200:nodrop,bf16:32:400,bf16:256:150"
+PAIR_FORMAT = "PRECISION:BATCH:STEPS[:nodrop][:per_device]"
+PAIR_TAGS = ("nodrop", "per_device")
+METHODS = {"iw": "IW-LoRA", "lora": "LoRA"}
+"""``--methods`` values and their names in the markdown: ``lora`` is the same run with ``--iw_alpha 0``."""
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""``--torch_compile`` values: ``none`` = eager, the others torch.compile's modes."""
+LOSS_LINE = "{'loss'"
+"""How the Trainer's PrinterCallback (``--disable_tqdm true``) prints a training log on local rank 0."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One ``--pairs`` entry: ``batch`` is the global batch, or the per-device batch when ``per_device``."""
+
+    precision: str
+    batch: int
+    steps: int
+    nodrop: bool = False
+    per_device: bool = False
+
+    def per_device_batch(self, nproc: int) -> int:
+        return self.batch if self.per_device else self.batch // nproc
+
+    def global_batch(self, nproc: int) -> int:
+        return self.batch * nproc if self.per_device else self.batch
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of run_glue_iw.py: a pair's configuration on ``nproc`` processes, for ``method`` in ``compile_mode``."""
+
+    nproc: int
+    pair: Pair
+    method: str
+    compile_mode: str
+    out: Path
+
+
+def parse_pairs(text: str, nproc: int) -> list[Pair]:
+    """``--pairs``' comma list; a ValueError with one line naming the bad entry and what was expected."""
+    pairs = []
+    for spec in text.split(","):
+        fields = spec.split(":")
+        expected = f"expected {PAIR_FORMAT} with PRECISION fp32|bf16"
+        if len(fields) < 3:
+            raise ValueError(f"{spec!r}: {expected}")
+        precision, batch, steps, *tags = fields
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"{spec!r}: PRECISION must be fp32 or bf16 ({expected})")
+        if not (batch.isdigit() and int(batch) > 0 and steps.isdigit() and int(steps) > 0):
+            raise ValueError(f"{spec!r}: BATCH and STEPS must be positive integers ({expected})")
+        unknown = [t for t in tags if t not in PAIR_TAGS]
+        if unknown or len(set(tags)) != len(tags):
+            raise ValueError(f"{spec!r}: tags must be nodrop and/or per_device, each at most once ({expected})")
+        pair = Pair(precision, int(batch), int(steps), "nodrop" in tags, "per_device" in tags)
+        if not pair.per_device and pair.batch % nproc:
+            raise ValueError(f"{spec!r}: a global BATCH must be divisible by --nproc {nproc} (or tag it per_device)")
+        pairs.append(pair)
+    return pairs
+
+
+def parse_choices(text: str, allowed: tuple[str, ...] | list[str]) -> list[str]:
+    """A comma list of distinct values from ``allowed``; a ValueError saying what was expected."""
+    values = text.split(",")
+    if any(v not in allowed for v in values) or len(set(values)) != len(values):
+        raise ValueError(f"expected a comma list of distinct values from {'|'.join(allowed)}, got {text!r}")
+    return values
 
 
 def deberta_shapes_model(tokenizer_from: str, folder: Path) -> str:
@@ -60,9 +147,6 @@ def deberta_shapes_model(tokenizer_from: str, folder: Path) -> str:
     return str(folder)
 
 
-DEFAULT_PAIRS = "fp32:32:200:nodrop,bf16:32:400,bf16:256:150"
-
-
 def no_dropout_model(model: str, folder: Path) -> str:
     """A copy of ``model`` (weights symlinked) whose config turns every dropout off."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,139 +160,276 @@ def no_dropout_model(model: str, folder: Path) -> str:
     return str(folder)
 
 
-def launch(
-    args: argparse.Namespace,
-    model: str,
-    nproc: int,
-    precision: str,
-    global_batch: int,
-    steps: int,
-    out: Path,
-    nodrop: bool,
-) -> dict:
-    """One run of run_glue_iw.py under ``accelerate launch``; returns its results, importance and log."""
+def free_port() -> int:
+    """A free local port: a fixed one would clash with another launcher on the same machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_command(args: argparse.Namespace, model: str, run: Run, port: int) -> tuple[list[str], dict[str, str]]:
+    """The launcher + run_glue_iw.py command line of one run, and its environment."""
+    nproc, pair, method, compile_mode, out = run.nproc, run.pair, run.method, run.compile_mode, run.out
     if args.cpu:  # accelerate's CPU multi-process path needs MPI; torchrun sets up the same gloo group
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-        launcher += ["--master_addr", "127.0.0.1", "--master_port", str(29500 + nproc)]
-    else:
+        launcher += ["--master_addr", "127.0.0.1", "--master_port", str(port)]
+    else:  # (accelerate's own dynamo stays off: --torch_compile below compiles through the Trainer)
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc)]
         launcher += ["--num_machines", "1", "--dynamo_backend", "no"]
-        launcher += ["--main_process_port", str(29500 + nproc)] + (["--multi_gpu"] if nproc > 1 else [])
+        launcher += ["--main_process_port", str(port)] + (["--multi_gpu"] if nproc > 1 else [])
     cmd = [
         *launcher, str(ROOT / "run_glue_iw.py"), "--model_name_or_path", model, "--glue_dir", args.glue_dir,
         "--task_name", args.task, "--max_seq_length", "64", "--output_dir", str(out), "--do_train", "--do_eval",
-        "--per_device_train_batch_size", str(global_batch // nproc), "--per_device_eval_batch_size", "128",
-        "--max_steps", str(steps), "--learning_rate", "5e-4", "--warmup_steps", "0.06", "--weight_decay", "0.01",
-        "--adapter", "lora", "--iw_alpha", "1e-4", "--iw_normalize", "sum", "--iw_calib_steps", str(args.calib_steps),
+        "--per_device_train_batch_size", str(pair.per_device_batch(nproc)), "--per_device_eval_batch_size", "128",
+        "--max_steps", str(pair.steps), "--learning_rate", "5e-4", "--warmup_steps", "0.06", "--weight_decay", "0.01",
+        "--adapter", "lora",
+    ]  # fmt: skip
+    if method == "iw":
+        cmd += ["--iw_alpha", "1e-4", "--iw_normalize", "sum", "--iw_calib_steps", str(args.calib_steps)]
+    else:  # plain LoRA: no penalty, no calibration
+        cmd += ["--iw_alpha", "0"]
+    cmd += [
         "--logging_steps", str(args.logging_steps), "--save_strategy", "no", "--eval_strategy", "no",
         "--report_to", "none", "--disable_tqdm", "true", "--seed", "1", "--dataloader_num_workers", "0",
-        "--bf16", str(precision == "bf16").lower(), "--ddp_find_unused_parameters", "false",
+        "--bf16", str(pair.precision == "bf16").lower(), "--ddp_find_unused_parameters", "false",
     ]  # fmt: skip
-    if nodrop:
+    if compile_mode != "none":
+        cmd += ["--torch_compile", "true", "--torch_compile_mode", compile_mode]
+    if pair.nodrop:
         cmd += ["--lora_dropout", "0"]
     if args.max_train_samples:
         cmd += ["--max_train_samples", str(args.max_train_samples)]
+    if args.max_eval_samples:
+        cmd += ["--max_eval_samples", str(args.max_eval_samples)]
     if args.cpu:  # (transformers refuses --ddp_backend in a single process that no launcher set up)
         cmd += ["--use_cpu", "true"] + (["--ddp_backend", "gloo"] if nproc > 1 else [])
+    # Unbuffered: the arrival time of each log line times the steady steps (see launch).
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)}
+    env["PYTHONUNBUFFERED"] = "1"
     if not args.cpu:  # exactly nproc GPUs: one process on several would be nn.DataParallel with nproc× the batch
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(nproc))
-    t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.time() - t0
+    return cmd, env
+
+
+def run_timed(cmd: list[str], env: dict[str, str]) -> tuple[int, str, str, float, list[float]]:
+    """Run ``cmd``: its return code, stdout, stderr, wall seconds and the seconds (since the start) at which each
+    training log line arrived on stdout."""
+    times: list[float] = []
+    lines: list[str] = []
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: reading stdout alone cannot deadlock
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(LOSS_LINE):
+                times.append(time.perf_counter() - t0)
+            lines.append(line)
+        rc = proc.wait()
+        wall = time.perf_counter() - t0
+        err.seek(0)
+        return rc, "".join(lines), err.read(), wall, times
+
+
+def steady_rate(global_batch: int, steps: list[int], times: list[float]) -> float | None:
+    """Samples/s from the 2nd to the last logged step (the 1st interval holds the compile warm-up); None when fewer
+    than 3 steps were logged or the printed logs do not match the recorded ones."""
+    if len(steps) != len(times) or len(steps) < 3 or times[-1] <= times[1]:
+        return None
+    return global_batch * (steps[-1] - steps[1]) / (times[-1] - times[1])
+
+
+def launch(args: argparse.Namespace, model: str, run: Run) -> dict:
+    """One run of run_glue_iw.py under the launcher; returns its results, importance and log."""
+    nproc, pair, method, compile_mode, out = run.nproc, run.pair, run.method, run.compile_mode, run.out
+    cmd, env = build_command(args, model, run, free_port())
+    rc, stdout, stderr, wall, times = run_timed(cmd, env)
     out.parent.mkdir(parents=True, exist_ok=True)
-    (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise SystemExit(
-            f"bench_ddp: run {out.name} failed (rc {proc.returncode}):\n{(proc.stderr or proc.stdout)[-3000:]}"
-        )
+    (out.parent / f"{out.name}.log").write_text(stdout + stderr)
+    if rc != 0:
+        raise SystemExit(f"bench_ddp: run {out.name} failed (rc {rc}):\n{(stderr or stdout)[-3000:]}")
     results = json.loads((out / "all_results.json").read_text())
-    importance = json.loads((out / "iw_importance.json").read_text())
+    importance_file = out / "iw_importance.json"  # none for plain LoRA
+    importance = json.loads(importance_file.read_text()) if importance_file.is_file() else {}
+    modules = importance.get("modules", {})
     state = json.loads((out / "trainer_state.json").read_text())
     losses = {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
-    calib = importance.get("calibration_seconds", 0.0)
+    calib = importance.get("calibration_seconds") or 0.0
+    global_batch = pair.global_batch(nproc)
+    logged = list(losses)
     return {
         "nproc": nproc,
-        "per_device_batch": global_batch // nproc,
+        "per_device_batch": pair.per_device_batch(nproc),
+        "global_batch": global_batch,
+        "method": method,
+        "torch_compile": compile_mode,
         "process_wall_s": wall,
         "train_runtime_s": results["train_runtime"],
         "calibration_s": calib,
         "samples_per_s": results["train_samples_per_second"],
-        "step_samples_per_s": global_batch * steps / (results["train_runtime"] - calib),
+        "step_samples_per_s": global_batch * pair.steps / (results["train_runtime"] - calib),
+        "steady_samples_per_s": steady_rate(global_batch, logged, times),
+        "log_seconds": dict(zip(logged, times)) if len(logged) == len(times) else {},
         "eval": {
             k: v for k, v in results.items() if k.startswith("eval_") and "runtime" not in k and "per_second" not in k
         },
-        "sensitivities": {k: m["sensitivity"] for k, m in importance["modules"].items()},
-        "coefficients": {k: m["coefficient"] for k, m in importance["modules"].items()},
+        "sensitivities": {k: m["sensitivity"] for k, m in modules.items()} or None,
+        "coefficients": {k: m["coefficient"] for k, m in modules.items()} or None,
         "losses": losses,
     }
 
 
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def compare(one: dict, many: dict) -> dict:
-    names = sorted(one["sensitivities"])
-    s1 = [one["sensitivities"][k] for k in names]
-    sn = [many["sensitivities"][k] for k in names]
-    rel = [abs(a - b) / max(abs(a), 1e-30) for a, b in zip(s1, sn)]
-    coef = [abs(one["coefficients"][k] - many["coefficients"][k]) for k in names]
+    """The N-process run against the 1-process one; sensitivity fields None without sensitivities (plain LoRA)."""
+    c: dict = dict.fromkeys(("sensitivity_max_rel_diff", "sensitivity_spearman", "coefficient_max_abs_diff"))
+    if one["sensitivities"] and many["sensitivities"]:
+        names = sorted(one["sensitivities"])
+        s1 = [one["sensitivities"][k] for k in names]
+        sn = [many["sensitivities"][k] for k in names]
+        c["sensitivity_max_rel_diff"] = max(abs(a - b) / max(abs(a), 1e-30) for a, b in zip(s1, sn))
+        c["sensitivity_spearman"] = float(spearmanr(s1, sn).statistic)
+        c["coefficient_max_abs_diff"] = max(abs(one["coefficients"][k] - many["coefficients"][k]) for k in names)
     steps = sorted(set(one["losses"]) & set(many["losses"]))
     dl = [abs(one["losses"][s] - many["losses"][s]) for s in steps]
-    return {
-        "sensitivity_max_rel_diff": max(rel),
-        "sensitivity_spearman": float(spearmanr(s1, sn).statistic),
-        "coefficient_max_abs_diff": max(coef),
-        "loss_points": len(steps),
-        "loss_max_abs_diff": max(dl) if dl else None,
-        "loss_mean_abs_diff": sum(dl) / len(dl) if dl else None,
-        "loss_mean_1": sum(one["losses"][s] for s in steps) / len(steps) if steps else None,
-        "loss_mean_n": sum(many["losses"][s] for s in steps) / len(steps) if steps else None,
-        "speedup_train": many["samples_per_s"] / one["samples_per_s"],
-        "speedup_steps": many["step_samples_per_s"] / one["step_samples_per_s"],
-    }
+    c.update(
+        loss_points=len(steps),
+        loss_max_abs_diff=max(dl) if dl else None,
+        loss_mean_abs_diff=sum(dl) / len(dl) if dl else None,
+        loss_mean_1=sum(one["losses"][s] for s in steps) / len(steps) if steps else None,
+        loss_mean_n=sum(many["losses"][s] for s in steps) / len(steps) if steps else None,
+        speedup_train=ratio(many["samples_per_s"], one["samples_per_s"]),
+        speedup_steps=ratio(many["step_samples_per_s"], one["step_samples_per_s"]),
+        speedup_steady=ratio(many["steady_samples_per_s"], one["steady_samples_per_s"]),
+    )
+    return c
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def rate(one: dict, many: dict, key: str) -> str:
+    return f"{fmt(one[key], '.0f')} → {fmt(many[key], '.0f')}"
 
 
 def markdown(report: dict) -> str:
     n = report["nproc"]
-    lines = [
-        f"# IW-LoRA: 1 vs {n} processes, same global batch ({report['device']})",
-        "",
+    methods, modes = report.get("methods", ["iw"]), report.get("torch_compile", ["none"])
+    extended = methods != ["iw"] or modes != ["none"]  # else the original table, unchanged
+    batch_modes = report.get("batch_modes", ["global"])
+    same = " or ".join({"global": "same global batch", "per_device": "same per-device batch"}[m] for m in batch_modes)
+    intro = (
         f"`benchmarks/bench_ddp.py`: `{report['launcher']} run_glue_iw.py` with 1 and {n} processes, task "
         f"{report['task']}, {report.get('model', 'all-MiniLM-L6-v2')}, LoRA r=8 + IW (sum, α=1e-4), "
         f"{report['calib_steps']} calibration "
         "batches, seed 1. Sensitivities: relative difference per matrix between the two runs; loss: the logged "
         f"training loss every {report['logging_steps']} steps; throughput: samples/s of `train()` (calibration "
-        "included) and of the steps alone (calibration time taken out).",
-        "",
-        f"| precision | dropout | global batch | per-GPU batch ({n} GPUs) | steps | sensitivity max rel. diff | "
-        "Spearman | coef. max diff | loss mean abs diff (max) | mean loss 1 / N | dev metric 1 / N | "
-        "samples/s 1 → N (train) | speedup train | speedup steps |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for p in report["pairs"]:
-        c = p["compare"]
-        m1, mn = p["one"]["eval"], p["many"]["eval"]
-        key = objective_metric(report["task"])
+        "included) and of the steps alone (calibration time taken out)."
+    )
+    if "lora" in methods:
+        intro += " LoRA rows: the same runs with `--iw_alpha 0` (plain LoRA: no calibration, no penalty)."
+    if modes != ["none"]:
+        intro += (
+            " compile: the Trainer's `--torch_compile true --torch_compile_mode MODE` in both runs (none = eager); "
+            "the train() and steps samples/s of a compiled run include its compile warm-up."
+        )
+    if extended or "per_device" in batch_modes:
+        intro += (
+            " Steady: samples/s from the 2nd to the last logged step (arrival times of rank 0's log lines: compile "
+            "warm-up and calibration left out)."
+        )
+    lines = [f"# {' / '.join(METHODS[m] for m in methods)}: 1 vs {n} processes, {same} ({report['device']})", ""]
+    lines += [intro, ""]
+    key = objective_metric(report["task"])
+    global_pairs = [p for p in report["pairs"] if p.get("batch_mode", "global") == "global"]
+    if global_pairs:
+        head = "| method | compile " if extended else ""
+        tail = " samples/s 1 → N (steady) | speedup steady |" if extended else ""
+        lines += [
+            f"{head}| precision | dropout | global batch | per-GPU batch ({n} GPUs) | steps | "
+            "sensitivity max rel. diff | Spearman | coef. max diff | loss mean abs diff (max) | mean loss 1 / N | "
+            f"dev metric 1 / N | samples/s 1 → N (train) | speedup train | speedup steps |{tail}",
+            "|---" * (14 + 4 * extended) + "|",
+        ]
+    for p in global_pairs:
+        c, one, many = p["compare"], p["one"], p["many"]
+        head = f"| {METHODS[p['method']]} | {p['torch_compile']} " if extended else ""
+        tail = f" {rate(one, many, 'steady_samples_per_s')} | {fmt(c['speedup_steady'], '.2f')}× |" if extended else ""
         lines.append(
-            f"| {p['precision']} | {'on' if p['dropout'] else 'off'} | {p['global_batch']} | "
+            f"{head}| {p['precision']} | {'on' if p['dropout'] else 'off'} | {p['global_batch']} | "
             f"{p['global_batch'] // n} | {p['steps']} | "
-            f"{c['sensitivity_max_rel_diff']:.1e} | {c['sensitivity_spearman']:.4f} | "
-            f"{c['coefficient_max_abs_diff']:.1e} | {c['loss_mean_abs_diff']:.1e} ({c['loss_max_abs_diff']:.1e}) | "
-            f"{c['loss_mean_1']:.4f} / {c['loss_mean_n']:.4f} | {m1[key]:.4f} / {mn[key]:.4f} | "
-            f"{p['one']['samples_per_s']:.0f} → {p['many']['samples_per_s']:.0f} | {c['speedup_train']:.2f}× | "
-            f"{c['speedup_steps']:.2f}× |"
+            f"{fmt(c['sensitivity_max_rel_diff'], '.1e')} | {fmt(c['sensitivity_spearman'], '.4f')} | "
+            f"{fmt(c['coefficient_max_abs_diff'], '.1e')} | {fmt(c['loss_mean_abs_diff'], '.1e')} "
+            f"({fmt(c['loss_max_abs_diff'], '.1e')}) | "
+            f"{fmt(c['loss_mean_1'], '.4f')} / {fmt(c['loss_mean_n'], '.4f')} | "
+            f"{fmt(one['eval'].get(key), '.4f')} / {fmt(many['eval'].get(key), '.4f')} | "
+            f"{rate(one, many, 'samples_per_s')} | {fmt(c['speedup_train'], '.2f')}× | "
+            f"{fmt(c['speedup_steps'], '.2f')}× |{tail}"
+        )
+    per_device = [p for p in report["pairs"] if p.get("batch_mode") == "per_device"]
+    if per_device:
+        if global_pairs:
+            lines.append("")
+        lines += [
+            f"## Same per-device batch: {n} processes train {n}× the global batch",
+            "",
+            f"N ÷ 1: samples/s of the {n}-process run over the 1-process run's (ideal {n}). The two runs train "
+            "different global batches, so their sensitivities need not agree: Spearman is information only.",
+            "",
+            "| method | compile | precision | dropout | per-device batch | global batch 1 → N | steps | "
+            "samples/s 1 → N (train) | N ÷ 1 train | samples/s 1 → N (steps) | N ÷ 1 steps | "
+            "samples/s 1 → N (steady) | N ÷ 1 steady | Spearman (info) | dev metric 1 / N |",
+            "|---" * 15 + "|",
+        ]
+    for p in per_device:
+        c, one, many = p["compare"], p["one"], p["many"]
+        lines.append(
+            f"| {METHODS[p['method']]} | {p['torch_compile']} | {p['precision']} | "
+            f"{'on' if p['dropout'] else 'off'} | {p['per_device_batch']} | "
+            f"{one['global_batch']} → {many['global_batch']} | {p['steps']} | "
+            f"{rate(one, many, 'samples_per_s')} | {fmt(c['speedup_train'], '.2f')}× | "
+            f"{rate(one, many, 'step_samples_per_s')} | {fmt(c['speedup_steps'], '.2f')}× | "
+            f"{rate(one, many, 'steady_samples_per_s')} | {fmt(c['speedup_steady'], '.2f')}× | "
+            f"{fmt(c['sensitivity_spearman'], '.4f')} | "
+            f"{fmt(one['eval'].get(key), '.4f')} / {fmt(many['eval'].get(key), '.4f')} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=Path(__file__).name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", required=True)
     p.add_argument("--glue_dir", required=True)
     p.add_argument("--task", default="sst2")
-    p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--pairs", default=DEFAULT_PAIRS, help="PRECISION:GLOBAL_BATCH:STEPS[:nodrop],... (fp32|bf16)")
+    p.add_argument("--nproc", type=int, default=2, help="N, the processes (GPUs) of the second run of a pair (>= 2)")
+    p.add_argument(
+        "--pairs",
+        default=DEFAULT_PAIRS,
+        help=f"{PAIR_FORMAT},... (PRECISION fp32|bf16; BATCH global, or per device with per_device)",
+    )
+    p.add_argument(
+        "--methods",
+        default="iw",
+        help="comma list of iw (IW-LoRA) | lora (plain LoRA, --iw_alpha 0): each pair runs once per method",
+    )
+    p.add_argument(
+        "--torch_compile",
+        nargs="?",
+        const="default",
+        default="none",
+        metavar="MODE[,MODE...]",
+        help=f"comma list of {'|'.join(COMPILE_MODES)} (none = eager; bare --torch_compile = default): each pair and "
+        "method runs once per mode, compiled by the Trainer in the 1- and the N-process run",
+    )
     p.add_argument("--calib_steps", type=int, default=150)
     p.add_argument("--logging_steps", type=int, default=10)
     p.add_argument("--max_train_samples", type=int, default=0)
+    p.add_argument("--max_eval_samples", type=int, default=0, help="0 = the whole dev set")
     p.add_argument("--threads", type=int, default=4)
     p.add_argument(
         "--deberta_shapes", action="store_true", help="a random DeBERTa-v3-base-shaped model (--model's tokenizer)"
@@ -216,15 +437,29 @@ def main() -> None:
     p.add_argument("--cpu", action="store_true", help="gloo on CPU (a smoke test of the script, not a benchmark)")
     p.add_argument("--runs_dir", default="/tmp/iw_ddp_runs")
     p.add_argument("--out", default="benchmarks/results/ddp", help="writes OUT.json and OUT.md")
-    args = p.parse_args()
-    pairs = []
-    for spec in args.pairs.split(","):
-        precision, batch, steps, *rest = spec.split(":")
-        if precision not in ("fp32", "bf16") or int(batch) % args.nproc or rest not in ([], ["nodrop"]):
-            raise SystemExit(
-                f"--pairs: {spec!r}: expected fp32|bf16:GLOBAL_BATCH:STEPS[:nodrop], batch divisible by --nproc"
-            )
-        pairs.append((precision, int(batch), int(steps), rest == ["nodrop"]))
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.nproc < 2:
+        p.error(f"--nproc: expected an integer >= 2 (the N-process run of each pair), got {args.nproc}")
+    for flag in ("calib_steps", "logging_steps"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag}: expected a positive integer, got {getattr(args, flag)}")
+    try:
+        pairs = parse_pairs(args.pairs, args.nproc)
+    except ValueError as e:
+        p.error(f"--pairs: {e}")
+    try:
+        methods = parse_choices(args.methods, list(METHODS))
+    except ValueError as e:
+        p.error(f"--methods: {e}")
+    try:
+        modes = parse_choices(args.torch_compile, COMPILE_MODES)
+    except ValueError as e:
+        p.error(f"--torch_compile: {e}")
     import torch
 
     if args.deberta_shapes:
@@ -234,31 +469,49 @@ def main() -> None:
     report: dict = {"device": device, "nproc": args.nproc, "task": args.task, "calib_steps": args.calib_steps}
     report["model"] = model_name
     launcher = "torchrun --nproc_per_node N (gloo)" if args.cpu else "accelerate launch --num_processes N"
-    report.update(launcher=launcher, logging_steps=args.logging_steps, pairs=[])
-    for precision, batch, steps, nodrop in pairs:
-        model = no_dropout_model(args.model, Path(args.runs_dir) / "model_nodrop") if nodrop else args.model
-        runs = {}
-        for nproc in (1, args.nproc):
-            name = f"{precision}_b{batch}_n{nproc}" + ("_nodrop" if nodrop else "")
-            runs[nproc] = launch(args, model, nproc, precision, batch, steps, Path(args.runs_dir) / name, nodrop)
-            r = runs[nproc]
-            print(f"{name}: {r['samples_per_s']:.0f} samples/s (steps {r['step_samples_per_s']:.0f}), {r['eval']}")
-        pair = {
-            "precision": precision,
-            "dropout": not nodrop,
-            "global_batch": batch,
-            "steps": steps,
-            "one": runs[1],
-            "many": runs[args.nproc],
-        }
-        pair["compare"] = compare(runs[1], runs[args.nproc])
-        print(json.dumps(pair["compare"]), flush=True)
-        report["pairs"].append(pair)
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=1))  # after every pair: partial results kept
-        out.with_suffix(".md").write_text(markdown(report))
+    report.update(launcher=launcher, logging_steps=args.logging_steps, methods=methods, torch_compile=modes)
+    report["batch_modes"] = [
+        m for m in ("global", "per_device") if any(p.per_device == (m != "global") for p in pairs)
+    ]
+    report["command"] = shlex.join(["python", "benchmarks/bench_ddp.py", *(sys.argv[1:] if argv is None else argv)])
+    report["pairs"] = []
+    for pair in pairs:
+        model = no_dropout_model(args.model, Path(args.runs_dir) / "model_nodrop") if pair.nodrop else args.model
+        for mode in modes:
+            for method in methods:
+                runs = {}
+                for nproc in (1, args.nproc):
+                    # the original names for the original runs (eager IW-LoRA at a global batch)
+                    name = f"{pair.precision}_b{pair.batch}_n{nproc}" + ("_nodrop" if pair.nodrop else "")
+                    name += ("_per_device" if pair.per_device else "") + ("" if method == "iw" else f"_{method}")
+                    name += "" if mode == "none" else f"_compile_{mode}"
+                    runs[nproc] = launch(args, model, Run(nproc, pair, method, mode, Path(args.runs_dir) / name))
+                    r = runs[nproc]
+                    print(
+                        f"{name}: {r['samples_per_s']:.0f} samples/s (steps {r['step_samples_per_s']:.0f}, steady "
+                        f"{fmt(r['steady_samples_per_s'], '.0f')}), {r['eval']}",
+                        flush=True,
+                    )
+                entry = {
+                    "method": method,
+                    "torch_compile": mode,
+                    "batch_mode": "per_device" if pair.per_device else "global",
+                    "precision": pair.precision,
+                    "dropout": not pair.nodrop,
+                    ("per_device_batch" if pair.per_device else "global_batch"): pair.batch,
+                    "steps": pair.steps,
+                    "one": runs[1],
+                    "many": runs[args.nproc],
+                }
+                entry["compare"] = compare(runs[1], runs[args.nproc])
+                print(json.dumps(entry["compare"]), flush=True)
+                report["pairs"].append(entry)
+                out = Path(args.out)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.with_suffix(".json").write_text(json.dumps(report, indent=1))  # after every pair: partial results
+                out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
+    return report
 
 
 if __name__ == "__main__":

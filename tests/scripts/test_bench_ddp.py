@@ -1,0 +1,169 @@
+"""benchmarks/bench_ddp.py: its ``--pairs`` / ``--methods`` / ``--torch_compile`` parsing, the run_glue_iw.py command
+lines it builds (compile flags, plain LoRA, per-device batches), and a CPU smoke run (torchrun + gloo, real MiniLM)
+of the per-device mode with 2 processes and both methods: the JSON records every run's batches and the markdown has a
+row per method."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import GLUE, MODEL, e2e_task, needs_shared, subprocess_env
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "benchmarks" / "bench_ddp.py"
+sys.path.insert(0, str(BENCH.parent))
+import bench_ddp  # noqa: E402
+from bench_ddp import Pair, Run, build_command, parse_pairs  # noqa: E402
+
+
+def error_line(capsys, argv: list[str]) -> str:
+    """bench_ddp's argparse error for ``argv``: exit code 2 and its one ``error:`` line."""
+    with pytest.raises(SystemExit) as info:
+        bench_ddp.main(["--model", "m", "--glue_dir", "g", *argv])
+    assert info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1
+    return errors[0]
+
+
+def test_the_original_pairs_parse_unchanged():
+    assert parse_pairs(bench_ddp.DEFAULT_PAIRS, 2) == [
+        Pair("fp32", 32, 200, nodrop=True),
+        Pair("bf16", 32, 400),
+        Pair("bf16", 256, 150),
+    ]
+    (pair,) = parse_pairs("fp32:8:6:nodrop", 2)
+    assert (pair.per_device_batch(1), pair.global_batch(1)) == (8, 8)
+    assert (pair.per_device_batch(2), pair.global_batch(2)) == (4, 8)
+
+
+def test_per_device_pairs_fix_the_batch_of_each_process():
+    pairs = parse_pairs("bf16:32:400:per_device,fp32:3:6:per_device:nodrop,fp32:3:6:nodrop:per_device", 2)
+    assert pairs == [Pair("bf16", 32, 400, per_device=True), *[Pair("fp32", 3, 6, nodrop=True, per_device=True)] * 2]
+    assert (pairs[0].per_device_batch(1), pairs[0].global_batch(1)) == (32, 32)
+    assert (pairs[0].per_device_batch(2), pairs[0].global_batch(2)) == (32, 64)  # a per-device 3 needs no divisor
+
+
+@pytest.mark.parametrize(
+    "spec,fragment",
+    [
+        ("fp16:32:10", "PRECISION must be fp32 or bf16"),
+        ("bf16:x:10", "positive integers"),
+        ("bf16:32:0", "positive integers"),
+        ("bf16:32", "expected PRECISION:BATCH:STEPS[:nodrop][:per_device]"),
+        ("bf16:32:10:fast", "tags must be nodrop and/or per_device"),
+        ("bf16:32:10:nodrop:nodrop", "each at most once"),
+        ("bf16:33:10", "divisible by --nproc 2"),
+        ("", "expected PRECISION:BATCH:STEPS"),
+    ],
+)
+def test_bad_pairs_name_the_entry(spec, fragment):
+    with pytest.raises(ValueError) as info:
+        parse_pairs(f"bf16:32:10,{spec}", 2)
+    message = str(info.value)
+    assert "\n" not in message and repr(spec) in message and fragment in message
+
+
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["--pairs", "bf16:33:10"], "--pairs: 'bf16:33:10': a global BATCH must be divisible by --nproc 2"),
+        (["--methods", "iw,dora"], "--methods: expected a comma list of distinct values from iw|lora"),
+        (["--methods", "iw,iw"], "--methods: expected"),
+        (["--torch_compile", "fast"], "--torch_compile: expected a comma list of distinct values from none|default"),
+        (["--nproc", "1"], "--nproc: expected an integer >= 2"),
+        (["--logging_steps", "0"], "--logging_steps: expected a positive integer"),
+    ],
+)
+def test_bad_flags_give_one_error_line(capsys, argv, fragment):
+    assert fragment in error_line(capsys, argv)
+
+
+def command(argv: list[str], pair: Pair, nproc: int, method: str = "iw", mode: str = "none") -> list[str]:
+    args = bench_ddp.parser().parse_args(["--model", "m", "--glue_dir", "g", *argv])
+    cmd, env = build_command(args, "m", Run(nproc, pair, method, mode, Path("/tmp/out")), 12345)
+    assert env["PYTHONUNBUFFERED"] == "1"  # the log lines' arrival times are the steady throughput's clock
+    return cmd
+
+
+def flag(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_compile_flags_reach_both_runs(mode, nproc):
+    cmd = command([], Pair("bf16", 32, 10, per_device=True), nproc, mode=mode)
+    assert (flag(cmd, "--torch_compile"), flag(cmd, "--torch_compile_mode")) == ("true", mode)
+    assert flag(cmd, "--dynamo_backend") == "no"  # the Trainer compiles, not accelerate a second time
+    assert "--torch_compile" not in command([], Pair("bf16", 32, 10), nproc)
+
+
+def test_methods_and_batches_on_the_command_line():
+    iw = command(["--calib_steps", "7"], Pair("bf16", 32, 10), 2)
+    assert (flag(iw, "--iw_alpha"), flag(iw, "--iw_calib_steps"), flag(iw, "--iw_normalize")) == ("1e-4", "7", "sum")
+    assert flag(iw, "--per_device_train_batch_size") == "16"  # global 32 over 2 processes
+    lora = command(["--calib_steps", "7"], Pair("bf16", 32, 10, per_device=True), 2, method="lora")
+    assert flag(lora, "--iw_alpha") == "0" and "--iw_calib_steps" not in lora
+    assert flag(lora, "--per_device_train_batch_size") == "32"
+    cpu = command(["--cpu", "--max_eval_samples", "16"], Pair("fp32", 4, 6, per_device=True), 2)
+    assert cpu[1:4] == ["-m", "torch.distributed.run", "--nproc_per_node"] and flag(cpu, "--nproc_per_node") == "2"
+    assert (flag(cpu, "--ddp_backend"), flag(cpu, "--max_eval_samples"), flag(cpu, "--bf16")) == (
+        "gloo",
+        "16",
+        "false",
+    )
+
+
+def test_bare_torch_compile_is_the_default_mode():
+    args = bench_ddp.parser().parse_args(["--model", "m", "--glue_dir", "g", "--torch_compile", "--methods", "lora"])
+    assert (args.torch_compile, args.methods) == ("default", "lora")
+
+
+@pytest.mark.slow
+@needs_shared
+def test_per_device_smoke_run_on_cpu(tmp_path):
+    """2 CPU processes × per-device batch 4 against 1 × 4, IW-LoRA and plain LoRA, 6 steps logged every 2."""
+    prefix = tmp_path / "ddp"
+    cmd = [
+        sys.executable, str(BENCH), "--model", str(MODEL), "--glue_dir", str(GLUE), "--task", e2e_task("sst2"),
+        "--cpu", "--nproc", "2", "--pairs", "fp32:4:6:per_device", "--methods", "iw,lora", "--calib_steps", "2",
+        "--logging_steps", "2", "--max_train_samples", "64", "--max_eval_samples", "16", "--threads", "1",
+        "--runs_dir", str(tmp_path / "runs"), "--out", str(prefix),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
+    report = json.loads(prefix.with_suffix(".json").read_text())
+    assert (report["methods"], report["torch_compile"], report["batch_modes"]) == (
+        ["iw", "lora"],
+        ["none"],
+        ["per_device"],
+    )
+    assert [p["method"] for p in report["pairs"]] == ["iw", "lora"]
+    for p in report["pairs"]:
+        one, many = p["one"], p["many"]
+        assert (p["batch_mode"], p["per_device_batch"], p["torch_compile"]) == ("per_device", 4, "none")
+        assert (one["nproc"], one["per_device_batch"], one["global_batch"]) == (1, 4, 4)
+        assert (many["nproc"], many["per_device_batch"]) == (2, 4)
+        assert many["global_batch"] == many["nproc"] * many["per_device_batch"] == 8
+        assert {r["method"] for r in (one, many)} == {p["method"]} and {
+            one["torch_compile"],
+            many["torch_compile"],
+        } == {"none"}
+        assert sorted(one["losses"], key=int) == ["2", "4", "6"] and len(many["log_seconds"]) == 3
+        for key in ("speedup_train", "speedup_steps", "speedup_steady"):
+            value = p["compare"][key]
+            assert isinstance(value, float) and math.isfinite(value) and value > 0, (p["method"], key, value)
+    iw, lora = report["pairs"]
+    assert -1 <= iw["compare"]["sensitivity_spearman"] <= 1 and iw["one"]["calibration_s"] > 0
+    assert lora["compare"]["sensitivity_spearman"] is None and lora["one"]["sensitivities"] is None
+    md = prefix.with_suffix(".md").read_text()
+    assert md.startswith("# IW-LoRA / LoRA: 1 vs 2 processes, same per-device batch (CPU (gloo))")
+    rows = [line for line in md.splitlines() if line.startswith(("| IW-LoRA |", "| LoRA |"))]
+    assert [row.split(" | ")[0] for row in rows] == ["| IW-LoRA", "| LoRA"]
+    assert all("| none | fp32 | on | 4 | 4 → 8 | 6 |" in row for row in rows)
