@@ -25,6 +25,19 @@ and kills what still runs at the deadline (not recorded: the next call reruns it
 ``--code_dir`` runs that copy's run_glue_iw.py and iwtrainer (a frozen copy while the package changes).
 ``--cells rte/lora_lr5e-4,cola/dl2_a1e-4_lr1e-3`` runs those TASK/METHOD pairs × ``--seeds`` (the selected configs on
 the dev set: benchmarks/mpnet_dev.sh); ``--est_results`` takes first wall-time estimates from another results file.
+
+``--heldout`` marks runs on a held-out split (a ``--glue_dir`` written by tuning_split.py, with its ``split.json``;
+``--tune`` implies it): a task with an entry in ``TUNE_PROTOCOL`` then trains with that protocol instead of its dev
+one. Only SST-2 has one (3 epochs on its 8,500-row tuning subsample); the small tasks tune with their dev protocol.
+A TUNE_PROTOCOL task refuses to run when ``--heldout`` and the folder's ``split.json`` disagree.
+
+SST-2's held-out selection runs stage by stage through ``--cells`` (this checkout's code), the cells of each stage
+printed from the runs so far by ``--tune_stage_cells`` (stages 2 and 4 need stage 1's lr), its seeds by
+``--tune_stage_seeds``; ``bash benchmarks/mpnet_tuning.sh 540 0,1 9 sst2:1,3`` wraps both:
+
+    python benchmarks/glue_table.py --tune_stage_cells 1,3 --tasks sst2 \\
+        --results benchmarks/results/glue_mpnet_tuning.jsonl   # stage 1 (LoRA lr) + stage 3 (PiSSA-d0/EVA lr)
+    python benchmarks/glue_table.py --tune_stage_seeds 1,3     # 1,2 (stages 2 and 4: 1)
 """
 
 from __future__ import annotations
@@ -68,6 +81,21 @@ PROTOCOL: dict[str, list[str]] = {
     "cola": ["--num_train_epochs", "5", "--max_seq_length", "64"],
     "sst2": ["--num_train_epochs", "1", "--max_seq_length", "64"],
 }
+# Held-out (tuning) runs whose dev protocol would not fit the tuning split: SST-2's selection trains on the 8,500 kept
+# rows of a 10,000-row subsample (tuning_split.MAX_ROWS), where one epoch is 266 steps against the dev run's 2,105 (one
+# epoch of 67,349 rows); 3 epochs (798 steps) bring the number of updates the lr and α are chosen at closer to the dev
+# run's at 38 % of its cost. Used only with --heldout (--tune implies it); the small tasks tune on 85 % of their rows
+# with their dev protocol, so they have no entry and their tuning flags are PROTOCOL's.
+TUNE_PROTOCOL: dict[str, list[str]] = {
+    "sst2": ["--num_train_epochs", "3", "--max_seq_length", "64"],
+}
+
+
+def task_protocol(task: str, heldout: bool = False) -> list[str]:
+    """The epoch/length flags of ``task``: TUNE_PROTOCOL's on a held-out split where it has one, else PROTOCOL's."""
+    return TUNE_PROTOCOL[task] if heldout and task in TUNE_PROTOCOL else PROTOCOL[task]
+
+
 COMMON = [
     "--do_train", "--do_eval", "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "128",
     "--warmup_steps", "0.06", "--weight_decay", "0.01", "--lr_scheduler_type", "linear", "--pad_to_max_length",
@@ -136,6 +164,17 @@ TUNE_NAME = re.compile(
     r"^(?P<family>lora|dl2|iwlora_sum|iwlora_max|gradnorm|pissa_d0|pissa|dora|eva)(?:_a(?P<alpha>[0-9.e+-]+))?"
     r"_lr(?P<lr>[0-9.e+-]+)$"
 )
+
+
+def cell_extra(task: str, method: str) -> list[str]:
+    """CELL_EXTRA of ``method`` on ``task``, looked up by the grid method's name or by a tuning name's family: the
+    evidence grid names gradnorm ``gradnorm_lr1e-3``, and SST-2's one-epoch run needs its warm-up under that name."""
+    if (method, task) in CELL_EXTRA:
+        return CELL_EXTRA[(method, task)]
+    m = TUNE_NAME.match(method)
+    return CELL_EXTRA.get((m["family"], task), []) if m else []
+
+
 # AdaLoRA with its own paper's recipe (AdaLoRA, App. C / Table 8, DeBERTaV3-base, batch 32): lr, orthogonality γ,
 # ΔT, and tinit/tfinal as fractions of the paper's run (steps at batch 32 × its epochs: RTE 600/1800 of 50 × 78,
 # MRPC 600/1800 of 30 × 115, STS-B 800/2000 of 25 × 180, CoLA 800/3500 of 25 × 268, SST-2 6000/22000 of 24 × 2105),
@@ -176,8 +215,45 @@ def _adalora_paper_flags(task: str) -> list[str]:
 
 # Wall-time guesses (s) of one 85 %-train run of a base-size encoder at 12 runs per H200, before any run is measured;
 # runs with the penalty add the 150 calibration steps (× IW_TIME_FACTOR).
-DEFAULT_EST_S = {"rte": 330, "mrpc": 260, "stsb": 360, "cola": 450, "sst2": 900}
+DEFAULT_EST_S = {"rte": 330, "mrpc": 260, "stsb": 360, "cola": 450}
 IW_TIME_FACTOR = 1.3
+# SST-2's runs are long next to a device call (600 s), so its first guess follows its step count and the concurrency
+# instead of one number: an all-mpnet-base-v2 step among K runs on one H200 takes about 0.05 + 0.025·K s (0.2 s at 6,
+# 0.35 s at 12), plus ~40 s of start-up, tokenisation and evaluation. Steps: 798 held out (3 × ceil(8,500/32)), 2,105
+# on dev (ceil(67,349/32)). On CoLA's dev runs (the same length 64, glue_mpnet_dev/grid.jsonl) DoRA's and AdaLoRA's
+# steps took 1.56× and 1.43× LoRA's and a penalty ~8 % of LoRA's 1,340 steps (its 150 calibration steps and ~2 % a
+# step); EVA's initialisation (forward passes and SVDs) added 110–155 s at 12 runs a GPU on RTE/MRPC/CoLA, taken to
+# shrink with the concurrency like a step.
+SST2_STEPS = {True: 798, False: 2105}  # heldout -> optimizer steps
+STEP_FACTOR = {"dora": 1.56, "adalora": 1.43}  # method-name prefix -> step time × LoRA's
+EVA_INIT_S = 130  # at 12 runs a GPU
+
+
+def step_s(parallel: int) -> float:
+    """Seconds per training step of one all-mpnet-base-v2 run among ``parallel`` on one H200 (SST-2 batches)."""
+    return 0.05 + 0.025 * parallel
+
+
+def _sst2_s(heldout: bool, parallel: int, factor: float = 1.0, iw: bool = False, eva: bool = False) -> float:
+    per_step = step_s(parallel)
+    train = SST2_STEPS[heldout] * per_step * factor * (1.02 if iw else 1.0) + (150 * per_step if iw else 0.0)
+    return 40 + train + (EVA_INIT_S * per_step / step_s(12) if eva else 0)
+
+
+def penalty_factor(task: str, heldout: bool = False, parallel: int = 12) -> float:
+    """A penalised run's wall time ÷ a plain one's: IW_TIME_FACTOR on the small tasks, where the 150 calibration
+    steps are a large part of a run; SST-2's from its step model (~1.08 on dev, where 1.3 would keep every penalised
+    cell from starting in a call once its plain runs are measured)."""
+    return _sst2_s(heldout, parallel, iw=True) / _sst2_s(heldout, parallel) if task == "sst2" else IW_TIME_FACTOR
+
+
+def first_estimate_s(task: str, method: str, heldout: bool = False, parallel: int = 12) -> float:
+    """Wall time of a cell before any run of its task is measured (without estimate_s's 5 % margin)."""
+    iw = uses_penalty(method)
+    if task != "sst2":
+        return DEFAULT_EST_S.get(task, 600) * (IW_TIME_FACTOR if iw else 1.0)
+    factor = next((f for prefix, f in STEP_FACTOR.items() if method.startswith(prefix)), 1.0)
+    return _sst2_s(heldout, parallel, factor, iw, method.startswith("eva"))
 
 
 def tune_name(family: str, lr: str, alpha: str | None = None) -> str:
@@ -231,6 +307,9 @@ def _known(task: str, method: str) -> bool:
     return True
 
 
+SMALL_TASKS = ("rte", "mrpc", "stsb", "cola")
+
+
 def grid_cells(selection: dict) -> list[str]:
     """Every TASK/METHOD of the all-mpnet-base-v2 evidence grid from the held-out selection
     (``glue_mpnet_tuning.json``): LoRA and the three penalties at their selected α, the LoRA-family members at the
@@ -238,9 +317,15 @@ def grid_cells(selection: dict) -> list[str]:
     cells = []
     for task, chosen in selection["selection"].items():
         lr = chosen["lr"]
+        if lr is None:  # stage 1 not complete (SST-2 while its selection runs): no cell of the task is defined yet
+            continue
         cells.append(f"{task}/{tune_name('lora', lr)}")
-        cells += [f"{task}/{tune_name(m, lr, chosen[m]['alpha'])}" for m in ("dl2", "iwlora_sum", "iwlora_max")]
-        cells += [f"{task}/{tune_name(m, lr)}" for m in ("gradnorm", "pissa", "dora", "eva")]
+        cells += [f"{task}/{tune_name(m, lr, chosen[m]['alpha'])}" for m in ("dl2", "iwlora_sum", "iwlora_max")
+                  if chosen.get(m, {}).get("alpha") is not None]  # fmt: skip
+        # PiSSA and EVA at the family's lr collapsed on the small tasks (3-seed diagnostics there): SST-2 runs only
+        # their own-lr rows below.
+        families = ("gradnorm", "pissa", "dora", "eva") if task in SMALL_TASKS else ("gradnorm", "dora")
+        cells += [f"{task}/{tune_name(m, lr)}" for m in families]
         # Initialisation variants at their own held-out lr (stage 3 of the selection), once it is selected.
         cells += [f"{task}/{tune_name(m, chosen[m]['lr'])}" for m in ("pissa_d0", "eva") if m in chosen]
         cells += [f"{task}/adalora_paper", f"{task}/full_lr{GRID_FULL_LR}"]
@@ -256,11 +341,16 @@ def wsa_tune_cells(selection: dict) -> list[str]:
             if chosen.get("lr") for point in wsa_points(chosen["lr"])]  # fmt: skip
 
 
+def is_heldout(args: argparse.Namespace) -> bool:
+    """Whether these runs are on a held-out split (--heldout, or --tune, which only ever runs on one)."""
+    return bool(getattr(args, "heldout", False) or getattr(args, "tune", False))
+
+
 def command(args: argparse.Namespace, task: str, method: str, seed: int, out: Path) -> list[str]:
     return [
         sys.executable, str(code_root(args) / "run_glue_iw.py"), "--model_name_or_path", args.model, "--glue_dir",
         args.glue_dir, "--task_name", task, "--seed", str(seed), "--output_dir", str(out), *COMMON,
-        *PROTOCOL[task], *task_method_flags(task, method), *CELL_EXTRA.get((method, task), []),
+        *task_protocol(task, is_heldout(args)), *task_method_flags(task, method), *cell_extra(task, method),
         *shlex.split(args.extra),
     ]  # fmt: skip
 
@@ -371,8 +461,9 @@ def uses_penalty(method: str) -> bool:
     return alpha is not None and float(alpha) > 0
 
 
-def estimate_s(cell: Cell, records: list[dict]) -> float:
-    """Wall-time estimate of a cell: the slowest finished run of its task (same penalty or not), else a guess."""
+def estimate_s(cell: Cell, records: list[dict], heldout: bool = False, parallel: int = 12) -> float:
+    """Wall-time estimate of a cell: the slowest finished run of its task (same penalty or not), else a guess
+    (:func:`first_estimate_s`; ``heldout`` and ``parallel`` only matter to SST-2's)."""
     task, method, _ = cell
     iw = uses_penalty(method)
     same = [
@@ -383,8 +474,9 @@ def estimate_s(cell: Cell, records: list[dict]) -> float:
     if same:
         return 1.05 * max(same)
     plain = [r["wall_s"] for r in records if r["task"] == task and "error" not in r]
-    base = max(plain) if plain else DEFAULT_EST_S.get(task, 600)
-    return 1.05 * base * (IW_TIME_FACTOR if iw else 1.0)
+    if not plain:
+        return 1.05 * first_estimate_s(task, method, heldout, parallel)
+    return 1.05 * max(plain) * (penalty_factor(task, heldout, parallel) if iw else 1.0)
 
 
 def mean_scores(records: list[dict], task: str, methods: list[str], seeds: list[int]) -> dict[str, float | None]:
@@ -419,7 +511,7 @@ def tune_cells(args: argparse.Namespace, records: list[dict]) -> list[Cell]:
                 for family in args.tune_methods.split(",")
                 for alpha in args.tune_alphas.split(",")
             ]
-    key = lambda c: -estimate_s(c, records)  # noqa: E731
+    key = lambda c: -estimate_s(c, records, True, args.parallel)  # noqa: E731
     return sorted(stage1, key=key) + sorted(stage2, key=key)
 
 
@@ -441,8 +533,9 @@ def run_grid(args: argparse.Namespace) -> None:
     else:
         static = [(t, m, s) for t in args.tasks.split(",") for m in args.methods.split(",") for s in seeds]
     static.sort(key=lambda c: -WEIGHT.get(c[0], 1) * (2.5 if c[1] in ("adalora", "wsa") else 1))
+    held, par = is_heldout(args), args.parallel
     if prior:  # measured wall times: longest first by estimate
-        static.sort(key=lambda c: -estimate_s(c, records + prior))
+        static.sort(key=lambda c: -estimate_s(c, records + prior, held, par))
     gpus: list[str | None] = args.gpus.split(",") if args.gpus else [None]
     t0 = time.time()
     deadline = t0 + args.deadline_s if args.deadline_s else None
@@ -464,7 +557,7 @@ def run_grid(args: argparse.Namespace) -> None:
             now = time.time()
             if start_by is None or now < start_by:
                 for cell in ready():
-                    if deadline is None or now + estimate_s(cell, records + prior) <= deadline:
+                    if deadline is None or now + estimate_s(cell, records + prior, held, par) <= deadline:
                         taken.add(cell_key(*cell))
                         running[0] += 1
                         return cell
@@ -521,6 +614,33 @@ def concurrency_probe(args: argparse.Namespace) -> None:
     Path(args.results).write_text(json.dumps(probe, indent=1))
 
 
+def heldout_mismatch(args: argparse.Namespace, tasks: list[str]) -> str | None:
+    """Why these runs must not start, if a task with a held-out protocol (TUNE_PROTOCOL) would train with the wrong
+    one: --heldout (or --tune) on a folder without tuning_split.py's split.json, or a held-out split without it (an
+    SST-2 tuning run at its dev protocol would take 1 epoch, 266 steps). The small tasks have no held-out protocol, so
+    their runs are never refused here."""
+    split = (Path(args.glue_dir) / "split.json").is_file()
+    for task in dict.fromkeys(tasks):
+        if task in TUNE_PROTOCOL and is_heldout(args) != split:
+            if split:
+                return f"{task}: {args.glue_dir} is a held-out split (split.json): add --heldout (TUNE_PROTOCOL)"
+            return f"{task}: {args.glue_dir} has no split.json (not a held-out split): drop --heldout"
+    return None
+
+
+def tune_stage_output(args: argparse.Namespace) -> str:
+    """--tune_stage_cells: the stages' TASK/METHOD list of --tasks from the runs in --results; --tune_stage_seeds:
+    their seeds. The selection rule is mpnet_tuning_report's (the report the selection is read from)."""
+    import mpnet_tuning_report as report  # imports this module: not at the top
+
+    stages = [int(x) for x in (args.tune_stage_cells or args.tune_stage_seeds).split(",")]
+    seeds = report.stage_seeds(stages)  # refuses stages of different seeds: one call runs every cell × one seed list
+    if args.tune_stage_seeds:
+        return ",".join(map(str, seeds))
+    recs = report.load(Path(args.results))
+    return ",".join(c for task in args.tasks.split(",") for c in report.stage_cells(recs, task, stages))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="", help="model folder or hub id (the real encoder: all-MiniLM-L6-v2)")
@@ -547,6 +667,15 @@ def main() -> None:
         "--grid_cells", default="", help="print the evidence grid's TASK/METHOD list of this selection file"
     )
     p.add_argument("--wsa_tune_cells", default="", help="print the WSA sweep's held-out TASK/METHOD list (stage 4)")
+    p.add_argument(
+        "--tune_stage_cells", default="", help="e.g. 1,3: print those selection stages' TASK/METHOD list of --tasks "
+        "from the held-out runs in --results (stages 2 and 4 need stage 1's lr)"
+    )  # fmt: skip
+    p.add_argument("--tune_stage_seeds", default="", help="e.g. 2,4: print those selection stages' seeds")
+    p.add_argument(
+        "--heldout", action="store_true", help="runs on a held-out split (--glue_dir from tuning_split.py): "
+        "TUNE_PROTOCOL's flags for its tasks (SST-2: 3 epochs); --tune implies it"
+    )  # fmt: skip
     p.add_argument("--tune", action="store_true", help="tuning mode: stage 1 lr, stage 2 alpha (see above)")
     p.add_argument("--tune_lrs", default="2e-4,5e-4,1e-3")
     p.add_argument("--tune_seeds", default="1,2")
@@ -558,12 +687,21 @@ def main() -> None:
         if getattr(args, flag):
             print(",".join(cells_of(json.loads(Path(getattr(args, flag)).read_text()))))
             return
+    if args.tune_stage_cells or args.tune_stage_seeds:
+        try:
+            print(tune_stage_output(args))
+        except ValueError as e:  # e.g. stage 2 before stage 1 is complete: nothing to run, and the caller must see it
+            p.error(str(e))
+        return
     if not args.model or not args.glue_dir:
         p.error("--model and --glue_dir are required")
     if args.code_dir:  # the metric mapping too comes from that copy
         sys.path.insert(0, str(code_root(args)))
     if args.show:
         task, method, seed = args.show.split("/")
+        mismatch = heldout_mismatch(args, [task])
+        if mismatch:
+            p.error(mismatch)
         print(shlex.join(command(args, task, method, int(seed), Path(args.runs_dir) / task / method / seed)))
     elif args.concurrency_probe:
         concurrency_probe(args)
@@ -576,6 +714,9 @@ def main() -> None:
         unknown += [m for t, m in pairs if t in PROTOCOL and not _known(t, m)]
         if unknown:
             raise SystemExit(f"glue_table.py: unknown method/task {unknown}; methods {list(METHODS)}")
+        mismatch = heldout_mismatch(args, tasks)
+        if mismatch:
+            p.error(mismatch)
         run_grid(args)
 
 

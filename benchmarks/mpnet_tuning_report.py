@@ -6,6 +6,11 @@ dev-set cells they imply) and ``GLUE_MPNET_TUNING.md``. Every number comes from 
 "not run".
 
     python benchmarks/mpnet_tuning_report.py --split .gpu/tune_glue/split.json
+
+SST-2 is an optional fifth task: its stages appear once it has held-out runs (its own 3-epoch protocol,
+``glue_table.TUNE_PROTOCOL``), it is never in ``dev_cells`` (the small tasks' 5-seed dev runs with the frozen code;
+SST-2's 3-seed dev runs of every row go through mpnet_grid.sh), and ``stage_cells`` lists a stage's cells from the
+runs so far (``glue_table.py --tune_stage_cells``).
 """
 
 from __future__ import annotations
@@ -20,8 +25,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from glue_table import (  # noqa: E402
     COMMON,
+    DL2_FLAGS,
     PROTOCOL,
+    SMALL_TASKS,
     TUNE_FAMILIES,
+    TUNE_PROTOCOL,
     WSA_LOW_LR,
     WSA_SWEEP,
     method_flags,
@@ -30,14 +38,24 @@ from glue_table import (  # noqa: E402
     wsa_points,
 )
 
-TASKS = ("rte", "mrpc", "stsb", "cola")
+TASKS = SMALL_TASKS  # the small tasks: always reported; the evidence grid averages and pools them
+# Reported once they have held-out runs, never part of the small tasks' average or pooled intervals: SST-2 (67k rows)
+# has its own held-out protocol (glue_table.TUNE_PROTOCOL) and 3 dev seeds.
+OPTIONAL_TASKS = ("sst2",)
 METRIC = {  # the task's GLUE objective, as iwtrainer's objective_metric maps it
     "rte": "eval_accuracy",
     "mrpc": "eval_combined_score",
     "stsb": "eval_combined_score",
     "cola": "eval_matthews_correlation",
+    "sst2": "eval_accuracy",
 }
-METRIC_NAME = {"rte": "accuracy", "mrpc": "combined_score", "stsb": "combined_score", "cola": "matthews_correlation"}
+METRIC_NAME = {
+    "rte": "accuracy",
+    "mrpc": "combined_score",
+    "stsb": "combined_score",
+    "cola": "matthews_correlation",
+    "sst2": "accuracy",
+}
 LRS = ("2e-4", "5e-4", "1e-3")
 STAGE1_SEEDS = (1, 2)
 ALPHAS = ("1e-4", "1e-3", "1e-2", "1e-1")
@@ -52,6 +70,7 @@ INIT_SEEDS = (1, 2)
 # family's selected lr, then at lower lrs (glue_table.wsa_points), one seed each: WSA is a diagnostic row, its
 # configuration still chosen without the dev set.
 WSA_SEEDS = (1,)
+STAGE_SEEDS = {1: STAGE1_SEEDS, 2: (STAGE2_SEED,), 3: INIT_SEEDS, 4: WSA_SEEDS}
 DEV_SEEDS = (1, 2, 3, 4, 5)
 MODEL = "all-mpnet-base-v2"
 
@@ -79,7 +98,70 @@ def mean(xs: list[float | None]) -> float | None:
     return None if not xs or None in xs else statistics.fmean(xs)
 
 
+def reported_tasks(recs: dict[str, dict]) -> tuple[str, ...]:
+    """The small tasks, then each optional task that has a held-out run (absent before: the report of the small
+    tasks stays as it was)."""
+    return TASKS + tuple(t for t in OPTIONAL_TASKS if any(k.startswith(f"{t}/") for k in recs))
+
+
+def stage1_rows(recs: dict[str, dict], task: str) -> dict[str, dict]:
+    """Stage 1 of ``task``: per lr, plain LoRA's held-out score of each seed and their mean (None while one is
+    missing)."""
+    rows = {}
+    for lr in LRS:
+        seeds = {s: score(recs, task, tune_name("lora", lr), s) for s in STAGE1_SEEDS}
+        rows[lr] = {"seeds": seeds, "mean": mean(list(seeds.values()))}
+    return rows
+
+
+def stage1_lr(rows: dict[str, dict]) -> str | None:
+    """Stage 1's rule: the lr with the best mean held-out score, the first of LRS on ties; None until complete."""
+    if any(rows[lr]["mean"] is None for lr in LRS):
+        return None
+    return max(LRS, key=lambda x: (rows[x]["mean"], -LRS.index(x)))
+
+
+def _check_stages(stages: list[int]) -> None:
+    unknown = sorted(set(stages) - set(STAGE_SEEDS))
+    if unknown:
+        raise ValueError(f"no stage {unknown}: the stages are 1 (LoRA lr), 2 (α), 3 (PiSSA-d0/EVA lr), 4 (WSA)")
+
+
+def stage_seeds(stages: list[int]) -> tuple[int, ...]:
+    """The seeds of ``stages`` (1 and 3: two seeds; 2 and 4: one), which one device call runs × every cell."""
+    _check_stages(stages)
+    seeds = {STAGE_SEEDS[x] for x in stages}
+    if len(seeds) != 1:
+        raise ValueError(f"stages {stages} run different seeds {sorted(seeds)}: list them in separate calls")
+    return seeds.pop()
+
+
+def stage_cells(recs: dict[str, dict] | None, task: str, stages: list[int], lr: str | None = None) -> list[str]:
+    """The held-out selection's TASK/NAME cells of ``stages`` for ``task``: 1 plain LoRA at every lr, 3 PiSSA
+    without dropout and EVA at every lr of their own, 2 each penalty × α and 4 WSA's (λ, τ, lr) points at stage 1's
+    lr — ``lr`` if given, else selected from the run lines ``recs`` (ValueError until stage 1 is complete)."""
+    _check_stages(stages)
+    cells = []
+    if 1 in stages:
+        cells += [f"{task}/{tune_name('lora', x)}" for x in LRS]
+    if 3 in stages:
+        cells += [f"{task}/{tune_name(family, x)}" for family in INIT_FAMILIES for x in INIT_LRS]
+    if (2 in stages or 4 in stages) and lr is None:
+        rows = stage1_rows(recs or {}, task)
+        lr = stage1_lr(rows)
+        if lr is None:
+            done = sum(v is not None for row in rows.values() for v in row["seeds"].values())
+            raise ValueError(f"{task}: stage 1 has {done} of {len(LRS) * len(STAGE1_SEEDS)} runs; stages 2 and 4 "
+                             "run at its lr")  # fmt: skip
+    if 2 in stages:
+        cells += [f"{task}/{tune_name(method, lr, a)}" for method in PENALTIES for a in ALPHAS]
+    if 4 in stages:
+        cells += [f"{task}/{wsa_name(*point)}" for point in wsa_points(lr)]
+    return cells
+
+
 def summarize(recs: dict[str, dict], dev: dict[str, dict], split: dict | None) -> dict:
+    tasks = reported_tasks(recs)
     out: dict = {
         "model": MODEL,
         "protocol": {
@@ -98,7 +180,7 @@ def summarize(recs: dict[str, dict], dev: dict[str, dict], split: dict | None) -
                 "seeds": WSA_SEEDS,
                 "select": "best mean",
             },  # fmt: skip
-            "selection_metric": {t: METRIC_NAME[t] for t in TASKS},
+            "selection_metric": {t: METRIC_NAME[t] for t in tasks},
             "data": "train on 85 % of each task's train.tsv, score on the other 15 % (never the GLUE dev set)",
             "code": ".gpu/code: a frozen copy of run_glue_iw.py + iwtrainer (commit 7c4490b)",
         },
@@ -110,20 +192,25 @@ def summarize(recs: dict[str, dict], dev: dict[str, dict], split: dict | None) -
         "selection": {},
         "dev_cells": [],
     }
-    for task in TASKS:
-        rows = {}
-        for lr in LRS:
-            seeds = {s: score(recs, task, tune_name("lora", lr), s) for s in STAGE1_SEEDS}
-            rows[lr] = {"seeds": seeds, "mean": mean(list(seeds.values()))}
+    if "sst2" in tasks:  # its own held-out protocol and code (absent before its first run: the record stays as it was)
+        out["protocol"]["heldout_task_flags"] = TUNE_PROTOCOL
+        out["protocol"]["sst2"] = (
+            "held out: 1,500 of a 10,000-row subsample of train.tsv, trained on the other 8,500 for 3 epochs (798 "
+            "steps; the dev runs: 1 epoch of 67,349 rows, 2,105 steps); this checkout's code, dl2 = "
+            + " ".join(DL2_FLAGS[2:])
+            + "; its dev runs (every row, 3 seeds) go through mpnet_grid.sh, not dev_cells"
+        )
+    for task in tasks:
+        rows = stage1_rows(recs, task)
         out["stage1"][task] = rows
-        complete = [lr for lr in LRS if rows[lr]["mean"] is not None]
-        if len(complete) < len(LRS):
+        lr = stage1_lr(rows)
+        if lr is None:
             out["selection"][task] = {"lr": None, "note": "stage 1 incomplete"}
             continue
-        lr = max(LRS, key=lambda x: (rows[x]["mean"], -LRS.index(x)))
         sel: dict = {"lr": lr, "lr_heldout_mean": rows[lr]["mean"]}
         sel["lora_reference_seed1"] = rows[lr]["seeds"][STAGE2_SEED]
-        out["dev_cells"].append(f"{task}/{tune_name('lora', lr)}")
+        if task in TASKS:  # dev_cells: mpnet_dev.sh's 5-seed runs (frozen code); SST-2's dev runs go with the grid
+            out["dev_cells"].append(f"{task}/{tune_name('lora', lr)}")
         stage2 = {}
         for method in PENALTIES:
             by_alpha = {a: score(recs, task, tune_name(method, lr, a), STAGE2_SEED) for a in ALPHAS}
@@ -139,7 +226,8 @@ def summarize(recs: dict[str, dict], dev: dict[str, dict], split: dict | None) -
                 "minus_lora": by_alpha[best] - sel["lora_reference_seed1"],
                 "complete": len(done) == len(ALPHAS),
             }
-            out["dev_cells"].append(f"{task}/{tune_name(method, lr, best)}")
+            if task in TASKS:
+                out["dev_cells"].append(f"{task}/{tune_name(method, lr, best)}")
         out["stage2"][task] = {"lr": lr, "lora_alpha0": sel["lora_reference_seed1"], **stage2}
         out["stage3"][task] = {}
         for family in INIT_FAMILIES:
@@ -233,6 +321,7 @@ def dev_reading(dev: dict) -> str:
 
 
 def markdown(s: dict) -> str:
+    tasks = list(s["stage1"])  # the small tasks, then SST-2 once it has runs
     lines = [
         f"# IW-LoRA on {MODEL}: hyperparameters chosen on held-out training data",
         "",
@@ -262,7 +351,7 @@ def markdown(s: dict) -> str:
         "| task | metric | " + " | ".join(f"lr {lr}: seed 1 / seed 2 / mean" for lr in LRS) + " | selected lr |",
         "|---|---|" + "---|" * len(LRS) + "---|",
     ]
-    for task in TASKS:
+    for task in tasks:
         row = s["stage1"][task]
         cells = [
             f"{fmt(row[lr]['seeds'][1])} / {fmt(row[lr]['seeds'][2])} / **{fmt(row[lr]['mean'])}**"
@@ -281,7 +370,7 @@ def markdown(s: dict) -> str:
         "| task (lr) | method | α=0 (lora) | " + " | ".join(f"α={a}" for a in ALPHAS) + " | selected α | − lora |",
         "|---|---|---|" + "---|" * len(ALPHAS) + "---|---|",
     ]
-    for task in TASKS:
+    for task in tasks:
         st = s["stage2"].get(task)
         if not st:
             lines.append(f"| {task} | all | not run |" + " not run |" * (len(ALPHAS) + 2))
@@ -302,7 +391,7 @@ def markdown(s: dict) -> str:
         "| task | family | " + " | ".join(f"lr {x}" for x in INIT_LRS) + " | selected lr |",
         "|---|---|" + "---|" * len(INIT_LRS) + "---|",
     ]
-    for task in TASKS:
+    for task in tasks:
         for family, means in s["stage3"].get(task, {}).items():
             chosen = s["selection"][task].get(family, {}).get("lr", "–")
             lines.append(f"| {task} | {family} | " + " | ".join(fmt(means[x]) for x in INIT_LRS) + f" | {chosen} |")
@@ -314,8 +403,8 @@ def markdown(s: dict) -> str:
         "pruned everything, 1152 = nothing pruned). The first rows are at the family's selected lr, the others at "
         "WSA's own lower lrs.",
         "",
-        "| λ, τ, lr | " + " | ".join(TASKS) + " |",
-        "|---|" + "---|" * len(TASKS),
+        "| λ, τ, lr | " + " | ".join(tasks) + " |",
+        "|---|" + "---|" * len(tasks),
     ]
 
     def wsa_cell(task: str, key: str) -> str:
@@ -324,12 +413,12 @@ def markdown(s: dict) -> str:
         return fmt(v.get("heldout_mean")) + (f" ({', '.join(map(str, kept))})" if kept else "")
 
     for lam, tau in WSA_SWEEP:
-        keys = [f"{lam}/{tau}/{s['selection'][t]['lr']}" for t in TASKS]
-        lines.append(f"| λ {lam}, τ {tau}, family lr | " + " | ".join(map(wsa_cell, TASKS, keys)) + " |")
+        keys = [f"{lam}/{tau}/{s['selection'][t]['lr']}" for t in tasks]
+        lines.append(f"| λ {lam}, τ {tau}, family lr | " + " | ".join(map(wsa_cell, tasks, keys)) + " |")
     for lam, tau, wlr in WSA_LOW_LR:
-        keys = [f"{lam}/{tau}/{wlr}"] * len(TASKS)
-        lines.append(f"| λ {lam}, τ {tau}, lr {wlr} | " + " | ".join(map(wsa_cell, TASKS, keys)) + " |")
-    picked = [s["selection"][t].get("wsa") for t in TASKS]
+        keys = [f"{lam}/{tau}/{wlr}"] * len(tasks)
+        lines.append(f"| λ {lam}, τ {tau}, lr {wlr} | " + " | ".join(map(wsa_cell, tasks, keys)) + " |")
+    picked = [s["selection"][t].get("wsa") for t in tasks]
     lines.append("| **selected** | " + " | ".join(
         f"λ {w['lambda']}, τ {w['tau']}, lr {w['lr']}" if w else "–" for w in picked) + " |")  # fmt: skip
     lines += [
@@ -339,7 +428,7 @@ def markdown(s: dict) -> str:
         "| task | lr | lora held-out (mean of 2 seeds) | dl2 α | iwlora_sum α | iwlora_max α |",
         "|---|---|---|---|---|---|",
     ]
-    for task in TASKS:
+    for task in tasks:
         sel = s["selection"][task]
         alphas = [str(sel.get(m, {}).get("alpha", "not run")) for m in PENALTIES]
         lines.append(f"| {task} | {sel['lr']} | {fmt(sel.get('lr_heldout_mean'))} | " + " | ".join(alphas) + " |")
@@ -350,6 +439,7 @@ def markdown(s: dict) -> str:
         "(compare the two stage-1 seeds of one lr). The selections fix the configurations for the dev-set runs; "
         "they are not evidence that a penalty helps.",
     ]
+    lines += sst2_section(s)
     if "dev" in s:
         lines += [
             "",
@@ -428,6 +518,52 @@ def markdown(s: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def sst2_section(s: dict) -> list[str]:
+    """SST-2's held-out protocol, how far its selection has run, and the device calls that run it (and its dev
+    runs), in order."""
+    runs, sel = s["runs"], s["selection"].get("sst2", {})
+    lr = sel.get("lr")
+    stages = [(1, "LoRA lr"), (3, "PiSSA-d0/EVA lr"), (2, "α of the three penalties"), (4, "WSA λ/τ/lr")]
+    status = []
+    for stage, what in stages:
+        if stage in (2, 4) and not lr:  # they run at stage 1's lr
+            status.append(f"stage {stage} ({what}): waits for stage 1")
+            continue
+        cells = stage_cells(None, "sst2", [stage], lr)
+        keys = [f"{c}/{x}" for c in cells for x in STAGE_SEEDS[stage]]
+        status.append(f"stage {stage} ({what}): {sum(k in runs for k in keys)}/{len(keys)} runs")
+    ran = any(k.startswith("sst2/") for k in runs)
+    lines = [
+        "",
+        "## SST-2 (the fifth task, 3 dev seeds)",
+        "",
+        "Held-out protocol (`glue_table.TUNE_PROTOCOL`, `--heldout`): 1,500 rows held out of a 10,000-row subsample "
+        "of SST-2's 67,349 training rows (`tuning_split.py --tasks sst2`, seed 0), the runs train 3 epochs on the "
+        "other 8,500 (798 steps; the dev runs train 1 epoch of every row, 2,105 steps), length 64, batch 32, scored "
+        "by accuracy. The same four stages, seeds and rules as the small tasks, run with this checkout's code "
+        "(`dl2` = `--iw_normalize uniform`). Its dev runs (every row of GLUE_MPNET.md at its held-out choice, seeds "
+        "1–3) go through `mpnet_grid.sh`, so SST-2 is not in `dev_cells`.",
+        "",
+        ("Selection so far: " if ran else "Not run yet: ") + "; ".join(status)
+        + (f"; lr {lr}." if lr else "."),
+        "",
+        "Device calls, in order, with /tmp/models staged and `.gpu` carried (each resumable: repeat a call until "
+        "its cells are done; after each, copy the returned `glue_mpnet_tuning.jsonl` / `glue_mpnet_grid.jsonl` "
+        "over the committed one). Between the tuning and the dev calls regenerate this report with "
+        "`--split .gpu/tune_glue/split.json`: `mpnet_grid.sh` takes SST-2's cells from the selection in "
+        "`glue_mpnet_tuning.json`. The dev data: `mkdir -p .gpu/glue/SST-2 && cp "
+        "../shared/data/glue/SST-2/{train,dev}.tsv .gpu/glue/SST-2/`.",
+        "",
+        "    bash benchmarks/mpnet_tuning.sh 540 0,1 9 sst2:1,3    # stages 1 + 3: 18 runs (6 + 12, seeds 1, 2)",
+        "    bash benchmarks/mpnet_tuning.sh 540 0,1 11 sst2:2,4   # stages 2 + 4 at stage 1's lr: 21 runs (seed 1)",
+        "    bash benchmarks/mpnet_grid.sh 550 1,2,3 0,1 6 sst2 lora,dl2,iwlora      # dev: 12 runs",
+        "    bash benchmarks/mpnet_grid.sh 550 1,2,3 0,1 6 sst2 gradnorm,pissa,full   # dev: 9 runs (own-lr PiSSA)",
+        "    bash benchmarks/mpnet_grid.sh 550 1,2,3 0,1 3 sst2 dora,adalora          # dev: 6 runs (1.4-1.6x steps)",
+        "    bash benchmarks/mpnet_grid.sh 550 1,2,3 0,1 5 sst2 eva,wsa               # dev: 6 runs (own-lr EVA)",
+    ]  # fmt: skip
+    return lines
 
 
 def main() -> None:
