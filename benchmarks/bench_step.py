@@ -179,6 +179,7 @@ def make_step(
         if name == "adalora":  # what AdaLoraCallback does at on_optimizer_step
             model.base_model.update_and_allocate(counter["step"])
         opt.zero_grad(set_to_none=True)
+        trainer.guard.step_done()  # what the guard's on_step_end does: the step's divergence check
         mark("optimizer")
         counter["step"] += 1
         trainer.state.global_step += 1
