@@ -31,7 +31,7 @@ from scipy.stats import t as student_t
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from glue_table import wsa_name  # noqa: E402
-from mpnet_tuning_report import METRIC, OPTIONAL_TASKS, TASKS, load  # noqa: E402
+from mpnet_tuning_report import METRIC, OPTIONAL_TASKS, TASKS, load, mean  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Score of a constant prediction on the GLUE dev set: RTE 146/277 "not_entailment"; MRPC all "equivalent"
@@ -142,28 +142,31 @@ def aggregate(runs: dict[str, dict], selection: dict) -> dict:
 
     def paired(a: str, b: str, tasks: tuple[str, ...] = TASKS) -> dict:
         out, pooled, kept = {}, [], []
-        for task in tasks:
+
+        def per_task(task: str) -> tuple[dict, dict, list[int], list[float]]:
+            """``a`` − ``b`` on the seeds both have, with its interval in ``out[task]``."""
             ra, rb = cells.get(a, {}).get(task, {}), cells.get(b, {}).get(task, {})
             seeds = sorted(set(ra) & set(rb))
             diffs = [score(ra[s]) - score(rb[s]) for s in seeds]
             out[task] = {"seeds": seeds, "diffs": diffs, **interval(diffs)}
+            return ra, rb, seeds, diffs
+
+        for task in tasks:
+            ra, rb, seeds, diffs = per_task(task)
             pooled += diffs
             kept += [d for s, d in zip(seeds, diffs) if not (collapsed(ra[s]) or collapsed(rb[s]))]
         out["pooled"] = interval(pooled)
         out["pooled_without_collapsed"] = interval(kept)  # pairs where neither run collapsed
         for task in shown[len(TASKS) :]:  # SST-2: its own interval, never pooled with the small tasks
-            ra, rb = cells.get(a, {}).get(task, {}), cells.get(b, {}).get(task, {})
-            seeds = sorted(set(ra) & set(rb))
-            diffs = [score(ra[s]) - score(rb[s]) for s in seeds]
-            out[task] = {"seeds": seeds, "diffs": diffs, **interval(diffs)}
+            per_task(task)
         return out
 
     def ratio(method: str, task: str, field: str) -> float | None:
         a, b = cells.get(method, {}).get(task), cells.get("lora", {}).get(task)
         if not a or not b:
             return None
-        mean = lambda rs: statistics.fmean(r["results"][field] for r in rs.values())  # noqa: E731
-        return mean(a) / mean(b)
+        field_mean = lambda rs: statistics.fmean(r["results"][field] for r in rs.values())  # noqa: E731
+        return field_mean(a) / field_mean(b)
 
     table = {}
     for method, by_task in cells.items():
@@ -252,10 +255,6 @@ def _x(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
-def _mean(xs: list[float]) -> float | None:
-    return statistics.fmean(xs) if xs else None
-
-
 def markdown(agg: dict, selection: dict) -> str:
     table, comp = agg["table"], agg["comparisons"]
     # SST-2 once it has runs: a column after the small tasks' avg / pooled ones, which it never enters
@@ -286,8 +285,8 @@ def markdown(agg: dict, selection: dict) -> str:
     for method, row in table.items():
         tasks = [t for t in TASKS if t in row]  # the ratios are the small tasks' (SST-2's runs went fewer at a time)
         params = row[next(t for t in (*TASKS, *extra) if t in row)]["trainable_params"]
-        ms = _mean([row[t]["ms_per_step_x_lora"] for t in tasks if row[t]["ms_per_step_x_lora"]])
-        mem = _mean([row[t]["peak_memory_x_lora"] for t in tasks if row[t]["peak_memory_x_lora"]])
+        ms = mean([row[t]["ms_per_step_x_lora"] for t in tasks if row[t]["ms_per_step_x_lora"]])
+        mem = mean([row[t]["peak_memory_x_lora"] for t in tasks if row[t]["peak_memory_x_lora"]])
         avg = "–" if row["average"] is None else f"{row['average']:.1f}"
         cells = " | ".join(_cell(row.get(t)) for t in TASKS)
         more = "".join(f" | {_cell(row.get(t))}" for t in extra)
