@@ -62,8 +62,9 @@ class DivergenceGuard(TrainerCallback):
     def track(self, term: str, value: torch.Tensor) -> None:
         """Remember ``value`` for the end of the step, where the first step at which ``term`` is not finite is kept.
 
-        Nothing runs here: checking each value as it comes cost ~7 kernel launches per term and step (3–4 terms an
-        IW step), about 1 % of a 10 ms compiled step; the step's values are checked together in :meth:`_flush`.
+        Nothing runs here: checking each value as it came dispatched ~7 ops per term and step (3–4 terms an IW
+        step), each a kernel launch on a GPU, where a compiled step is launch-bound; the step's values are checked
+        together in :meth:`_flush`.
         """
         self._pending.append((term, whole_tensor(value.detach())))  # FSDP2's gradient norm: its reduced value
         if len(self._pending) > 256:  # a loop that never ends a step (no on_step_end): keep memory bounded

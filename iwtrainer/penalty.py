@@ -208,8 +208,8 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
 
     cuBLAS keeps a workspace for each stream it runs on (32 MiB on Hopper) for the life of the process. Warming up on a
     new stream and capturing on torch's default capture stream used two: after its first penalty an IW step held
-    69 MiB more than LoRA's on an H200 (benchmarks/results/qlora.md, stage table), two workspaces and the graph's
-    5 MiB of outputs; and every recapture (a search's next trial, replaced factors) would have added one more.
+    69 MiB more than LoRA's on an H200 (benchmarks/results/qlora.md, stage table): the size of two workspaces and
+    the graph's 5 MiB of outputs (check_penalty_graph.py measures what one shared stream keeps).
     """
     if device not in _CAPTURE_STREAMS:
         _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
