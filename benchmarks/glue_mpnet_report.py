@@ -328,7 +328,8 @@ def markdown(agg: dict, selection: dict) -> str:
             f"| {key} | {v['coef_min']:.3f} | {v['coef_max']:.3f} | {v['coef_mean']:.3f} | "
             f"{100 * v['penalty_share_of_last_loss']:.0f} % |"
         )
-    out += ["", "## Not yet run", ""] + [f"- {m}" for m in agg["missing"]]
+    if agg["missing"]:
+        out += ["", "## Not yet run", ""] + [f"- {m}" for m in agg["missing"]]
     return "\n".join(out) + "\n"
 
 

@@ -218,20 +218,22 @@ def _adalora_paper_flags(task: str) -> list[str]:
 DEFAULT_EST_S = {"rte": 330, "mrpc": 260, "stsb": 360, "cola": 450}
 IW_TIME_FACTOR = 1.3
 # SST-2's runs are long next to a device call (600 s), so its first guess follows its step count and the concurrency
-# instead of one number: an all-mpnet-base-v2 step among K runs on one H200 takes about 0.05 + 0.025·K s (0.2 s at 6,
-# 0.35 s at 12), plus ~40 s of start-up, tokenisation and evaluation. Steps: 798 held out (3 × ceil(8,500/32)), 2,105
-# on dev (ceil(67,349/32)). On CoLA's dev runs (the same length 64, glue_mpnet_dev/grid.jsonl) DoRA's and AdaLoRA's
-# steps took 1.56× and 1.43× LoRA's and a penalty ~8 % of LoRA's 1,340 steps (its 150 calibration steps and ~2 % a
-# step); EVA's initialisation (forward passes and SVDs) added 110–155 s at 12 runs a GPU on RTE/MRPC/CoLA, taken to
-# shrink with the concurrency like a step.
+# instead of one number: an all-mpnet-base-v2 SST-2 step among K runs on one H200 took ~0.088 s up to K = 9 (the
+# runs are CPU-bound below that) and ~0.15 s at K = 11 (the SST-2 calls of glue_mpnet_grid/tuning.jsonl: 1-epoch LoRA
+# 220–228 s at K = 6, gradnorm 328–372 s at K = 11), modelled as max(0.09, 0.014·K), plus ~40 s of start-up,
+# tokenisation and evaluation. Steps: 798 held out (3 × ceil(8,500/32)), 2,105 on dev (ceil(67,349/32)). On CoLA's
+# dev runs (the same length 64) DoRA's and AdaLoRA's steps took 1.56× and 1.43× LoRA's and a penalty ~8 % of LoRA's
+# 1,340 steps (its 150 calibration steps and ~2 % a step); EVA's initialisation (forward passes and SVDs) added
+# 110–155 s at 12 runs a GPU on RTE/MRPC/CoLA, taken to shrink with the concurrency like a step.
 SST2_STEPS = {True: 798, False: 2105}  # heldout -> optimizer steps
-STEP_FACTOR = {"dora": 1.56, "adalora": 1.43}  # method-name prefix -> step time × LoRA's
+# WSA's rank-16 spectral adapter: 376–411 s next to gradnorm's 328–372 s in the same SST-2 call.
+STEP_FACTOR = {"dora": 1.56, "adalora": 1.43, "wsa": 1.2}  # method-name prefix -> step time × LoRA's
 EVA_INIT_S = 130  # at 12 runs a GPU
 
 
 def step_s(parallel: int) -> float:
     """Seconds per training step of one all-mpnet-base-v2 run among ``parallel`` on one H200 (SST-2 batches)."""
-    return 0.05 + 0.025 * parallel
+    return max(0.09, 0.014 * parallel)
 
 
 def _sst2_s(heldout: bool, parallel: int, factor: float = 1.0, iw: bool = False, eva: bool = False) -> float:

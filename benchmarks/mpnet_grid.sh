@@ -6,9 +6,9 @@
 # scored on the GLUE dev set, with this checkout's code. Resumable; stops by itself at the deadline.
 #   bash benchmarks/mpnet_grid.sh [DEADLINE_S] [SEEDS] [GPUS] [PARALLEL] [TASKS] [METHODS]
 #   (defaults 520, 1,2,3,4,5, 0,1, 12, all tasks, all methods; TASKS and METHODS are comma lists of name prefixes)
-# SST-2 (3 seeds, once its held-out selection is in glue_mpnet_tuning.json): one 1-epoch run is ~2,105 steps, so 6
-# runs a GPU (3 for DoRA/AdaLoRA) per call, e.g. `bash benchmarks/mpnet_grid.sh 550 1,2,3 0,1 6 sst2 lora,dl2,iwlora`
-# (every call: GLUE_MPNET_TUNING.md, section SST-2).
+# SST-2 (3 seeds, once its held-out selection is in glue_mpnet_tuning.json): one 1-epoch run is ~2,105 steps; 11
+# runs a GPU fit one call (AdaLoRA, the slowest, took 523 s), e.g. `bash benchmarks/mpnet_grid.sh 575 1,2,3 0,1 11
+# sst2 gradnorm,pissa,full,dora,adalora,eva,wsa` (the calls that ran: GLUE_MPNET_TUNING.md, section SST-2).
 . "$(dirname "$0")/mpnet_env.sh"
 if [ ! -s /tmp/work/grid.jsonl ]; then  # start from the committed runs (same cells are skipped)
   cat benchmarks/results/glue_mpnet_dev.jsonl benchmarks/results/glue_mpnet_grid.jsonl 2>/dev/null >/tmp/work/grid.jsonl

@@ -526,15 +526,18 @@ def sst2_section(s: dict) -> list[str]:
     runs, sel = s["runs"], s["selection"].get("sst2", {})
     lr = sel.get("lr")
     stages = [(1, "LoRA lr"), (3, "PiSSA-d0/EVA lr"), (2, "α of the three penalties"), (4, "WSA λ/τ/lr")]
-    status = []
+    status, complete = [], bool(lr)
     for stage, what in stages:
         if stage in (2, 4) and not lr:  # they run at stage 1's lr
             status.append(f"stage {stage} ({what}): waits for stage 1")
             continue
         cells = stage_cells(None, "sst2", [stage], lr)
         keys = [f"{c}/{x}" for c in cells for x in STAGE_SEEDS[stage]]
-        status.append(f"stage {stage} ({what}): {sum(k in runs for k in keys)}/{len(keys)} runs")
+        done = sum(k in runs for k in keys)
+        complete &= done == len(keys)
+        status.append(f"stage {stage} ({what}): {done}/{len(keys)} runs")
     ran = any(k.startswith("sst2/") for k in runs)
+    head = "Selection complete: " if complete else "Selection so far: " if ran else "Not run yet: "
     lines = [
         "",
         "## SST-2 (the fifth task, 3 dev seeds)",
@@ -546,22 +549,22 @@ def sst2_section(s: dict) -> list[str]:
         "(`dl2` = `--iw_normalize uniform`). Its dev runs (every row of GLUE_MPNET.md at its held-out choice, seeds "
         "1–3) go through `mpnet_grid.sh`, so SST-2 is not in `dev_cells`.",
         "",
-        ("Selection so far: " if ran else "Not run yet: ") + "; ".join(status)
+        head + "; ".join(status)
         + (f"; lr {lr}." if lr else "."),
         "",
-        "Device calls, in order, with /tmp/models staged and `.gpu` carried (each resumable: repeat a call until "
-        "its cells are done; after each, copy the returned `glue_mpnet_tuning.jsonl` / `glue_mpnet_grid.jsonl` "
-        "over the committed one). Between the tuning and the dev calls regenerate this report with "
-        "`--split .gpu/tune_glue/split.json`: `mpnet_grid.sh` takes SST-2's cells from the selection in "
-        "`glue_mpnet_tuning.json`. The dev data: `mkdir -p .gpu/glue/SST-2 && cp "
+        "Device calls, in order, with /tmp/models staged and `.gpu` carried (as they ran on 2× H200, wall time "
+        "after `#`; each resumable: repeat a call until its cells are done; after each, copy the returned "
+        "`glue_mpnet_tuning.jsonl` / `glue_mpnet_grid.jsonl` over the committed one). Between the tuning and the "
+        "dev calls regenerate this report with `--split .gpu/tune_glue/split.json`: `mpnet_grid.sh` takes SST-2's "
+        "cells from the selection in `glue_mpnet_tuning.json` (on the device: run this script there, as the "
+        "device's working copy has no later commit). The dev data: `mkdir -p .gpu/glue/SST-2 && cp "
         "../shared/data/glue/SST-2/{train,dev}.tsv .gpu/glue/SST-2/`.",
         "",
-        "    bash benchmarks/mpnet_tuning.sh 540 0,1 9 sst2:1,3    # stages 1 + 3: 18 runs (6 + 12, seeds 1, 2)",
-        "    bash benchmarks/mpnet_tuning.sh 540 0,1 11 sst2:2,4   # stages 2 + 4 at stage 1's lr: 21 runs (seed 1)",
-        "    bash benchmarks/mpnet_grid.sh 550 1,2,3 0,1 6 sst2 lora,dl2,iwlora      # dev: 12 runs",
-        "    bash benchmarks/mpnet_grid.sh 550 1,2,3 0,1 6 sst2 gradnorm,pissa,full   # dev: 9 runs (own-lr PiSSA)",
-        "    bash benchmarks/mpnet_grid.sh 550 1,2,3 0,1 3 sst2 dora,adalora          # dev: 6 runs (1.4-1.6x steps)",
-        "    bash benchmarks/mpnet_grid.sh 550 1,2,3 0,1 5 sst2 eva,wsa               # dev: 6 runs (own-lr EVA)",
+        "    bash benchmarks/mpnet_tuning.sh 490 0,1 9 sst2:1,3    # stages 1 + 3: 18 runs (seeds 1, 2); 152 s",
+        "    bash benchmarks/mpnet_tuning.sh 560 0,1 11 sst2:2,4   # stages 2 + 4 at stage 1's lr: 21 runs; 264 s",
+        "    bash benchmarks/mpnet_grid.sh 560 1,2,3 0,1 6 sst2 lora,dl2,iwlora   # dev: 12 runs; 239 s",
+        "    bash benchmarks/mpnet_grid.sh 575 1,2,3 0,1 11 sst2 gradnorm,pissa,full,dora,adalora,eva,wsa",
+        "    # dev: 21 runs (every other row; AdaLoRA's 523 s the longest); 527 s",
     ]  # fmt: skip
     return lines
 
