@@ -81,3 +81,41 @@ def test_wsa_stage4_selects_the_best_held_out_point_of_every_task() -> None:
         best = max(points, key=lambda p: (scores[p], -points.index(p)))
         assert (chosen["wsa"]["lambda"], chosen["wsa"]["tau"], chosen["wsa"]["lr"]) == best
         assert f"{task}/wsa_l{best[0]}_t{best[1]}_lr{best[2]}" in cells
+
+
+README_MPNET_ROWS = {  # README headline row label -> glue_mpnet.json method
+    "Full fine-tuning (lr 2e-5)": "full",
+    "LoRA r=8": "lora",
+    "ΔL2 (`--iw_normalize uniform`)": "dl2",
+    "**IW-LoRA (sum)**": "iwlora_sum",
+    "**IW-LoRA (max)**": "iwlora_max",
+    "Gradient-norm ranks": "gradnorm",
+    "DoRA": "dora",
+    "AdaLoRA (its paper's recipe)": "adalora",
+    "EVA (its own lr²)": "eva_own",
+    "PiSSA (no dropout, its own lr²)": "pissa_d0",
+    "WSA (λ 0, τ 0, its own lr⁴; diagnostic)": "wsa",
+}
+
+
+def test_readme_headline_table_is_the_committed_mpnet_table() -> None:
+    """Every cell of the README's all-mpnet-base-v2 table (mean ± sd, the four-task average, SST-2, step time) is
+    glue_mpnet.json's value rounded as printed: the headline cannot drift from the results."""
+    table = json.loads((RESULTS / "glue_mpnet.json").read_text())["table"]
+    lines = (BENCH.parent / "README.md").read_text().splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("| all-mpnet-base-v2 |")))
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    assert set(rows) == set(README_MPNET_ROWS)
+    for label, method in README_MPNET_ROWS.items():
+        row = table[method]
+        want = [f"{row[t]['mean']:.1f} ± {row[t]['std']:.1f}" for t in ("rte", "mrpc", "stsb", "cola")]
+        want += [f"{row['average']:.1f}", f"{row['sst2']['mean']:.1f} ± {row['sst2']['std']:.1f}"]
+        ms = statistics.fmean(row[t]["ms_per_step_x_lora"] for t in ("rte", "mrpc", "stsb", "cola"))
+        got = [c.rstrip("¹²³⁴") for c in rows[label]]
+        assert got[:6] == want, label
+        assert got[6] == f"{ms:.2f}", label
