@@ -56,7 +56,9 @@ class IWFields:
         default=IWSettings.normalize,
         metadata={
             "help": "Importance normalisation: 'sum' (w=s/Σs), 'max' (w=s/max s) or 'uniform' (w=0: every "
-            "coefficient 1, a plain L2 on the LoRA updates; no calibration).",
+            "coefficient 1, a plain L2 on the LoRA updates; no calibration). On all-mpnet-base-v2 'uniform' "
+            "scored level with 'sum' and 'max' at the same cost minus calibration (benchmarks/results/"
+            "GLUE_MPNET.md).",
             "choices": NORMALIZATIONS,
         },
     )
