@@ -110,6 +110,7 @@ class IWMixin:
         self.add_callback(self.guard)
         self._iw_penalty: IWPenalty | None = None
         self._iw_penalty_key: tuple | None = None
+        self._iw_unwrapped: tuple[nn.Module, nn.Module] | None = None  # (model as passed, unwrap_model of it)
         self.regularizers = dict(regularizers or {})
         # "grad": closed-form penalty gradient added to .grad in one fused op per shape group (fast, default);
         # "autograd": the penalty joins the loss graph (used where .grad is not a plain tensor, e.g. DeepSpeed).
@@ -182,12 +183,20 @@ class IWMixin:
             raise RuntimeError(
                 "IWTrainer: no importance weights; calibration did not run (was the SensitivityCallback removed?)"
             )
-        key = (id(record), id(unwrap_model(model)), layout_version(model), self.iw_settings.penalty)
+        inner = self._unwrapped(model)
+        key = (id(record), id(inner), layout_version(inner, unwrapped=True), self.iw_settings.penalty)
         if self._iw_penalty is None or self._iw_penalty_key != key:
-            targets = find_lora_targets(unwrap_model(model), self.iw_callback.adapter_name)
+            targets = find_lora_targets(inner, self.iw_callback.adapter_name)
             self._iw_penalty = IWPenalty(targets, self.iw_callback.coefficients, self.iw_settings.penalty)
             self._iw_penalty_key = key
         return self._iw_penalty
+
+    def _unwrapped(self, model: nn.Module) -> nn.Module:
+        """``unwrap_model(model)``, once per wrapper object: accelerate's unwrapping walks every module in search of
+        compiled regions (~1 ms on a base-size model), a per-step cost plain LoRA does not pay."""
+        if self._iw_unwrapped is None or self._iw_unwrapped[0] is not model:
+            self._iw_unwrapped = (model, unwrap_model(model))
+        return self._iw_unwrapped[1]
 
     def _trainer_divides_by_ga(self, num_items_in_batch: Any) -> bool:
         """Mirror of ``Trainer.training_step``'s rule for dividing the returned loss by the accumulation steps."""
@@ -215,6 +224,7 @@ class IWMixin:
         # reuse once the previous run's objects are freed: rebuild it for every run.
         self._iw_penalty = None
         self._iw_penalty_key = None
+        self._iw_unwrapped = None
         # During hyperparameter_search the calibration file goes to the trial's run folder (<output_dir>/run-N).
         self.iw_callback.output_dir = self._get_output_dir(trial) if trial is not None else None
         return super().train(

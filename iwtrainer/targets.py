@@ -61,15 +61,16 @@ def whole_tensor(x: torch.Tensor) -> torch.Tensor:
     return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 
-def layout_version(model: nn.Module) -> int:
-    """Bumped by :func:`mark_layout_changed` whenever LoRA layers are rebuilt (e.g. rank re-allocation)."""
-    return getattr(unwrap_model(model), "_iw_layout_version", 0)
+def layout_version(model: nn.Module, unwrapped: bool = False) -> int:
+    """Bumped by :func:`mark_layout_changed` whenever LoRA layers are rebuilt (e.g. rank re-allocation).
+    ``unwrapped=True``: ``model`` is :func:`unwrap_model`'s result already (unwrapping walks every module)."""
+    return getattr(model if unwrapped else unwrap_model(model), "_iw_layout_version", 0)
 
 
 def mark_layout_changed(model: nn.Module) -> None:
     """Tell cached structures (the penalty's shape groups) that LoRA parameters were replaced."""
     inner = unwrap_model(model)
-    inner._iw_layout_version = layout_version(inner) + 1
+    inner._iw_layout_version = layout_version(inner, unwrapped=True) + 1
 
 
 def short_name(name: str) -> str:

@@ -239,3 +239,26 @@ def test_hpo_style_trial_values_are_validated(tmp_path):
     trainer.args.iw_alpha = -1.0  # what hyperparameter_search does with a bad search space
     with pytest.raises(ValueError, match="iw_alpha"):
         trainer.train()
+
+
+def test_penalty_steps_unwrap_the_model_no_more_than_lora_steps(tmp_path, monkeypatch):
+    """accelerate's unwrapping walks every module (~1 ms a call on a base-size model): the penalty looks its model up
+    once per wrapper object, so 20 more IW-LoRA steps unwrap exactly as often as 20 more LoRA steps do."""
+    import accelerate.utils.other as acc_other
+
+    calls = []
+    walk = acc_other.has_compiled_regions
+    monkeypatch.setattr(acc_other, "has_compiled_regions", lambda m: calls.append(1) or walk(m))
+
+    def unwraps(alpha: float, steps: int) -> int:
+        calls.clear()
+        args = tiny_args(tmp_path / f"{alpha}_{steps}", IWTrainingArguments, max_steps=steps, iw_alpha=alpha,
+                         iw_calib_steps=2, per_device_train_batch_size=8, logging_steps=100)  # fmt: skip
+        trainer = IWTrainer(model=tiny_lora("bert", init_lora_weights=False), args=args,
+                            train_dataset=RandomClassification(n=64))  # fmt: skip
+        trainer.train()
+        assert trainer.state.global_step == steps
+        return len(calls)
+
+    lora, iw = unwraps(0.0, 25) - unwraps(0.0, 5), unwraps(1e-4, 25) - unwraps(1e-4, 5)
+    assert iw == lora
