@@ -16,11 +16,20 @@ warm-up and calibration left out; needs at least 3 logged steps). ``--torch_comp
 and method once per mode (``none`` = eager; else the Trainer's ``--torch_compile true --torch_compile_mode MODE`` in
 both runs). Runs are sequential, so timings never overlap.
 
+Run order and repeats: by default each method's 1-process run is followed by its N-process run, method after method
+(``--methods lora,iw`` puts LoRA first). ``--repeats R`` launches every run R times; ``--order alternate`` makes
+each repeat one round of every method × process count, the round's order reversed every other round (R = 2 with
+``--methods lora,iw``: lora 1, lora N, iw 1, iw N, then iw N, iw 1, lora N, lora 1), so that a slow first run on a
+fresh machine and a real per-method cost can be told apart: each rate in the tables is then the median over the
+repeats, and a last table lists every run in launch order with its steady ms/step and calibration ms/batch.
+
     python benchmarks/bench_ddp.py --model MINILM_DIR --glue_dir GLUE_DIR --nproc 2 --out benchmarks/results/ddp
     python benchmarks/bench_ddp.py ... --deberta_shapes --calib_steps 50 --pairs bf16:32:150,bf16:128:60 \\
         --max_train_samples 20000 --out benchmarks/results/ddp_deberta
     python benchmarks/bench_ddp.py ... --pairs bf16:32:400:per_device --methods iw,lora --torch_compile none,default \\
         --calib_steps 50 --logging_steps 20 --out benchmarks/results/ddp_per_device
+    python benchmarks/bench_ddp.py ... --pairs bf16:32:300:per_device --methods lora,iw --repeats 2 \\
+        --order alternate --calib_steps 50 --logging_steps 20 --out benchmarks/results/ddp_per_device_order
     python benchmarks/bench_ddp.py ... --cpu --pairs fp32:8:6:nodrop --max_train_samples 256   # CPU smoke test
 
 Pairs are ``PRECISION:BATCH:STEPS[:nodrop][:per_device]`` (tags in any order): fp32 shows the equivalence without
@@ -63,6 +72,11 @@ METHODS = {"iw": "IW-LoRA", "lora": "LoRA"}
 """``--methods`` values and their names in the markdown: ``lora`` is the same run with ``--iw_alpha 0``."""
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """``--torch_compile`` values: ``none`` = eager, the others torch.compile's modes."""
+ORDERS = ("grouped", "alternate")
+"""``--order`` values: ``grouped`` runs each method's 1- then N-process run (all repeats) before the next method;
+``alternate`` runs one round of every method × process count per repeat, reversing the round every other repeat."""
+RATES = ("samples_per_s", "step_samples_per_s", "steady_samples_per_s")
+"""A run's throughputs: with ``--repeats`` > 1 a pair's tables show the median of each over the repeats."""
 LOSS_LINE = "{'loss'"
 """How the Trainer's PrinterCallback (``--disable_tqdm true``) prints a training log on local rank 0."""
 
@@ -93,6 +107,7 @@ class Run:
     method: str
     compile_mode: str
     out: Path
+    repeat: int = 0
 
 
 def parse_pairs(text: str, nproc: int) -> list[Pair]:
@@ -124,6 +139,104 @@ def parse_choices(text: str, allowed: tuple[str, ...] | list[str]) -> list[str]:
     if any(v not in allowed for v in values) or len(set(values)) != len(values):
         raise ValueError(f"expected a comma list of distinct values from {'|'.join(allowed)}, got {text!r}")
     return values
+
+
+def schedule(
+    pairs: int, modes: list[str], methods: list[str], nproc: int, repeats: int = 1, order: str = "grouped"
+) -> list[tuple[int, str, str, int, int]]:
+    """Every run as ``(pair index, compile mode, method, processes, repeat)`` for ``pairs`` pairs, in launch order
+    (see ``--order``): pairs and modes in turn, and within each the methods' runs grouped or alternating."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {'|'.join(ORDERS)}, got {order!r}")
+    runs = []
+    for pair in range(pairs):
+        for mode in modes:
+            if order == "grouped":
+                runs += [(pair, mode, m, n, r) for m in methods for r in range(repeats) for n in (1, nproc)]
+                continue
+            for r in range(repeats):
+                round_ = [(pair, mode, m, n, r) for m in methods for n in (1, nproc)]
+                runs += round_[::-1] if r % 2 else round_
+    return runs
+
+
+def run_name(pair: Pair, mode: str, method: str, nproc: int, repeat: int, repeats: int) -> str:
+    """The run's folder and log name: the original names for the original runs (eager IW-LoRA at a global batch),
+    ``_rK`` (1-based) added only when there are several repeats."""
+    name = f"{pair.precision}_b{pair.batch}_n{nproc}" + ("_nodrop" if pair.nodrop else "")
+    name += ("_per_device" if pair.per_device else "") + ("" if method == "iw" else f"_{method}")
+    name += "" if mode == "none" else f"_compile_{mode}"
+    return name + (f"_r{repeat + 1}" if repeats > 1 else "")
+
+
+def median(values: list[float | None]) -> float | None:
+    """The median of the values that are not None (None when there are none)."""
+    known = sorted(v for v in values if v is not None)
+    if not known:
+        return None
+    mid = len(known) // 2
+    return known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
+
+
+def summary(runs: list[dict]) -> dict:
+    """One side of a pair over its repeats: the first repeat's run (its losses, sensitivities, dev metric) with each
+    throughput replaced by the median over ``runs``; a single run unchanged."""
+    if len(runs) == 1:
+        return runs[0]
+    return {**runs[0], **{k: median([r[k] for r in runs]) for k in RATES}, "repeats": len(runs)}
+
+
+def sequence_row(run: dict, name: str) -> dict:
+    """A run's line in the launch-order table: its steady ms/step and, for IW-LoRA, calibration ms/batch."""
+    steady = run["steady_samples_per_s"]
+    calib, batches = run["calibration_s"], run.get("calibration_batches") or 0
+    return {
+        "position": run["position"],
+        "name": name,
+        "method": run["method"],
+        "torch_compile": run["torch_compile"],
+        "nproc": run["nproc"],
+        "repeat": run["repeat"],
+        "steady_samples_per_s": steady,
+        "steady_ms_per_step": 1000 * run["global_batch"] / steady if steady else None,
+        "calib_ms_per_batch": 1000 * calib / batches if calib and batches else None,
+    }
+
+
+def complete_pairs(
+    pairs: list[Pair],
+    modes: list[str],
+    methods: list[str],
+    runs: dict[tuple[int, str, str], dict[int, list[dict]]],
+    nproc: int,
+    repeats: int,
+) -> list[dict]:
+    """The report's entry of every pair × mode × method whose runs (1 and ``nproc`` processes, every repeat) are all
+    done, in that order whatever the launch order; with repeats, each run of every repeat under ``runs``."""
+    entries = []
+    for index, pair in enumerate(pairs):
+        for mode in modes:
+            for method in methods:
+                done = runs.get((index, mode, method), {})
+                if any(len(done.get(n, [])) < repeats for n in (1, nproc)):
+                    continue
+                by_repeat = {n: sorted(done[n], key=lambda r: r["repeat"]) for n in (1, nproc)}
+                entry = {
+                    "method": method,
+                    "torch_compile": mode,
+                    "batch_mode": "per_device" if pair.per_device else "global",
+                    "precision": pair.precision,
+                    "dropout": not pair.nodrop,
+                    ("per_device_batch" if pair.per_device else "global_batch"): pair.batch,
+                    "steps": pair.steps,
+                    "one": summary(by_repeat[1]),
+                    "many": summary(by_repeat[nproc]),
+                }
+                if repeats > 1:
+                    entry["runs"] = {str(n): rs for n, rs in by_repeat.items()}
+                entry["compare"] = compare(entry["one"], entry["many"])
+                entries.append(entry)
+    return entries
 
 
 def deberta_shapes_model(tokenizer_from: str, folder: Path) -> str:
@@ -258,6 +371,7 @@ def launch(args: argparse.Namespace, model: str, run: Run) -> dict:
     logged = list(losses)
     return {
         "nproc": nproc,
+        "repeat": run.repeat,
         "per_device_batch": pair.per_device_batch(nproc),
         "global_batch": global_batch,
         "method": method,
@@ -265,6 +379,7 @@ def launch(args: argparse.Namespace, model: str, run: Run) -> dict:
         "process_wall_s": wall,
         "train_runtime_s": results["train_runtime"],
         "calibration_s": calib,
+        "calibration_batches": importance.get("calibration_batches") or 0,
         "samples_per_s": results["train_samples_per_second"],
         "step_samples_per_s": global_batch * pair.steps / (results["train_runtime"] - calib),
         "steady_samples_per_s": steady_rate(global_batch, logged, times),
@@ -341,6 +456,12 @@ def markdown(report: dict) -> str:
             " Steady: samples/s from the 2nd to the last logged step (arrival times of rank 0's log lines: compile "
             "warm-up and calibration left out)."
         )
+    repeats = report.get("repeats", 1)
+    if repeats > 1:
+        intro += (
+            f" Every run {repeats}× ({report.get('order', 'grouped')} order, see the last table): each samples/s is "
+            "the median over the repeats, the losses, sensitivities and dev metric are the first repeat's."
+        )
     lines = [f"# {' / '.join(METHODS[m] for m in methods)}: 1 vs {n} processes, {same} ({report['device']})", ""]
     lines += [intro, ""]
     key = objective_metric(report["task"])
@@ -396,6 +517,24 @@ def markdown(report: dict) -> str:
             f"{fmt(c['sensitivity_spearman'], '.4f')} | "
             f"{fmt(one['eval'].get(key), '.4f')} / {fmt(many['eval'].get(key), '.4f')} |"
         )
+    if report.get("sequence"):
+        lines += [
+            "",
+            "## Every run, in launch order",
+            "",
+            "Steady ms/step: the global batch over the steady samples/s; calibration ms/batch: IW-LoRA's calibration "
+            "time over its batches (a batch costs about one eager LoRA step: a slow run shows in both).",
+            "",
+            "| # | run | method | compile | processes | repeat | samples/s (steady) | ms/step (steady) | "
+            "calibration ms/batch |",
+            "|---:|---|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for row in report["sequence"]:
+            lines.append(
+                f"| {row['position']} | {row['name']} | {METHODS[row['method']]} | {row['torch_compile']} | "
+                f"{row['nproc']} | {row['repeat'] + 1} | {fmt(row['steady_samples_per_s'], '.0f')} | "
+                f"{fmt(row['steady_ms_per_step'], '.1f')} | {fmt(row['calib_ms_per_batch'], '.1f')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -426,6 +565,14 @@ def parser() -> argparse.ArgumentParser:
         help=f"comma list of {'|'.join(COMPILE_MODES)} (none = eager; bare --torch_compile = default): each pair and "
         "method runs once per mode, compiled by the Trainer in the 1- and the N-process run",
     )
+    p.add_argument("--repeats", type=int, default=1, help="launch every run this many times (tables: median rates)")
+    p.add_argument(
+        "--order",
+        choices=ORDERS,
+        default="grouped",
+        help="grouped: each method's 1- then N-process runs (all repeats) in turn; alternate: per repeat one round "
+        "of every method and process count, reversed every other round (a first-run effect vs a method's cost)",
+    )
     p.add_argument("--calib_steps", type=int, default=150)
     p.add_argument("--logging_steps", type=int, default=10)
     p.add_argument("--max_train_samples", type=int, default=0)
@@ -445,7 +592,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.nproc < 2:
         p.error(f"--nproc: expected an integer >= 2 (the N-process run of each pair), got {args.nproc}")
-    for flag in ("calib_steps", "logging_steps"):
+    for flag in ("calib_steps", "logging_steps", "repeats"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag}: expected a positive integer, got {getattr(args, flag)}")
     try:
@@ -474,42 +621,32 @@ def main(argv: list[str] | None = None) -> dict:
         m for m in ("global", "per_device") if any(p.per_device == (m != "global") for p in pairs)
     ]
     report["command"] = shlex.join(["python", "benchmarks/bench_ddp.py", *(sys.argv[1:] if argv is None else argv)])
-    report["pairs"] = []
-    for pair in pairs:
+    report.update(repeats=args.repeats, order=args.order, pairs=[], sequence=[])
+    runs: dict[tuple[int, str, str], dict[int, list[dict]]] = {}  # (pair, mode, method) -> processes -> runs
+    out = Path(args.out)
+    for position, (index, mode, method, nproc, repeat) in enumerate(
+        schedule(len(pairs), modes, methods, args.nproc, args.repeats, args.order), 1
+    ):
+        pair = pairs[index]
         model = no_dropout_model(args.model, Path(args.runs_dir) / "model_nodrop") if pair.nodrop else args.model
-        for mode in modes:
-            for method in methods:
-                runs = {}
-                for nproc in (1, args.nproc):
-                    # the original names for the original runs (eager IW-LoRA at a global batch)
-                    name = f"{pair.precision}_b{pair.batch}_n{nproc}" + ("_nodrop" if pair.nodrop else "")
-                    name += ("_per_device" if pair.per_device else "") + ("" if method == "iw" else f"_{method}")
-                    name += "" if mode == "none" else f"_compile_{mode}"
-                    runs[nproc] = launch(args, model, Run(nproc, pair, method, mode, Path(args.runs_dir) / name))
-                    r = runs[nproc]
-                    print(
-                        f"{name}: {r['samples_per_s']:.0f} samples/s (steps {r['step_samples_per_s']:.0f}, steady "
-                        f"{fmt(r['steady_samples_per_s'], '.0f')}), {r['eval']}",
-                        flush=True,
-                    )
-                entry = {
-                    "method": method,
-                    "torch_compile": mode,
-                    "batch_mode": "per_device" if pair.per_device else "global",
-                    "precision": pair.precision,
-                    "dropout": not pair.nodrop,
-                    ("per_device_batch" if pair.per_device else "global_batch"): pair.batch,
-                    "steps": pair.steps,
-                    "one": runs[1],
-                    "many": runs[args.nproc],
-                }
-                entry["compare"] = compare(runs[1], runs[args.nproc])
-                print(json.dumps(entry["compare"]), flush=True)
-                report["pairs"].append(entry)
-                out = Path(args.out)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.with_suffix(".json").write_text(json.dumps(report, indent=1))  # after every pair: partial results
-                out.with_suffix(".md").write_text(markdown(report))
+        name = run_name(pair, mode, method, nproc, repeat, args.repeats)
+        r = launch(args, model, Run(nproc, pair, method, mode, Path(args.runs_dir) / name, repeat))
+        r["position"] = position
+        print(
+            f"{name}: {r['samples_per_s']:.0f} samples/s (steps {r['step_samples_per_s']:.0f}, steady "
+            f"{fmt(r['steady_samples_per_s'], '.0f')}), {r['eval']}",
+            flush=True,
+        )
+        report["sequence"].append(sequence_row(r, name))
+        runs.setdefault((index, mode, method), {}).setdefault(nproc, []).append(r)
+        report["pairs"] = complete_pairs(pairs, modes, methods, runs, args.nproc, args.repeats)
+        group = runs[(index, mode, method)]
+        if all(len(group.get(n, [])) == args.repeats for n in (1, args.nproc)):  # this run completed its pair
+            first = min(group[1], key=lambda x: x["repeat"])["position"]
+            print(json.dumps(next(e for e in report["pairs"] if e["one"]["position"] == first)["compare"]), flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(report, indent=1))  # after every run: partial results
+        out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
     return report
 

@@ -167,3 +167,139 @@ def test_per_device_smoke_run_on_cpu(tmp_path):
     rows = [line for line in md.splitlines() if line.startswith(("| IW-LoRA |", "| LoRA |"))]
     assert [row.split(" | ")[0] for row in rows] == ["| IW-LoRA", "| LoRA"]
     assert all("| none | fp32 | on | 4 | 4 → 8 | 6 |" in row for row in rows)
+    order = [(r["position"], r["method"], r["nproc"], r["repeat"]) for r in report["sequence"]]
+    assert order == [(1, "iw", 1, 0), (2, "iw", 2, 0), (3, "lora", 1, 0), (4, "lora", 2, 0)]
+    assert iw["one"]["calibration_batches"] == 2 and lora["one"]["calibration_batches"] == 0
+    calib = [r["calib_ms_per_batch"] for r in report["sequence"]]
+    assert calib[2:] == [None, None] and all(c > 0 for c in calib[:2])
+    assert "## Every run, in launch order" in md and "| 1 | fp32_b4_n1_per_device | IW-LoRA | none | 1 | 1 |" in md
+
+
+def test_grouped_order_is_the_original_order():
+    """Default: each method's 1- then N-process run, method after method (the order of the committed runs)."""
+    runs = bench_ddp.schedule(1, ["none"], ["iw", "lora"], 2)
+    assert runs == [
+        (0, "none", "iw", 1, 0),
+        (0, "none", "iw", 2, 0),
+        (0, "none", "lora", 1, 0),
+        (0, "none", "lora", 2, 0),
+    ]
+    two = bench_ddp.schedule(2, ["none", "default"], ["lora"], 4, repeats=2)
+    assert [(p, m, n, r) for p, m, _, n, r in two[:4]] == [(0, "none", 1, 0), (0, "none", 4, 0), (0, "none", 1, 1),
+                                                            (0, "none", 4, 1)]  # fmt: skip
+    assert [(p, m) for p, m, *_ in two[::4]] == [(0, "none"), (0, "default"), (1, "none"), (1, "default")]
+
+
+def test_alternate_order_reverses_every_other_round():
+    """--order alternate: a round of every method × process count per repeat, reversed every other round, so each
+    run's mean position is the same (a first-run or drift effect cannot favour one method)."""
+    runs = bench_ddp.schedule(1, ["none"], ["lora", "iw"], 2, repeats=3, order="alternate")
+    assert [(m, n, r) for _, _, m, n, r in runs] == [
+        ("lora", 1, 0), ("lora", 2, 0), ("iw", 1, 0), ("iw", 2, 0),
+        ("iw", 2, 1), ("iw", 1, 1), ("lora", 2, 1), ("lora", 1, 1),
+        ("lora", 1, 2), ("lora", 2, 2), ("iw", 1, 2), ("iw", 2, 2),
+    ]  # fmt: skip
+    even = bench_ddp.schedule(1, ["none"], ["lora", "iw"], 2, repeats=2, order="alternate")
+    positions: dict = {}
+    for i, (_, _, m, n, _) in enumerate(even):
+        positions.setdefault((m, n), []).append(i)
+    assert {sum(p) for p in positions.values()} == {7}  # ABBA: every run's positions sum alike
+    with pytest.raises(ValueError, match="grouped|alternate"):
+        bench_ddp.schedule(1, ["none"], ["iw"], 2, order="random")
+
+
+def test_repeats_and_order_flags(capsys):
+    args = bench_ddp.parser().parse_args(["--model", "m", "--glue_dir", "g", "--repeats", "2", "--order", "alternate"])
+    assert (args.repeats, args.order) == (2, "alternate")
+    assert bench_ddp.parser().parse_args(["--model", "m", "--glue_dir", "g"]).order == "grouped"
+    assert "--repeats: expected a positive integer" in error_line(capsys, ["--repeats", "0"])
+    with pytest.raises(SystemExit):
+        bench_ddp.parser().parse_args(["--model", "m", "--glue_dir", "g", "--order", "random"])
+
+
+def fake_launch(rates: dict):
+    """A stand-in for ``launch``: records the launch order; a run's steady rate from ``rates[(method, nproc)]``, a
+    list consumed one repeat at a time; IW-LoRA runs have 10 calibration batches of 1 s in all."""
+    order = []
+
+    def launch(args, model, run):
+        order.append((run.method, run.nproc, run.repeat))
+        rate = rates[(run.method, run.nproc)].pop(0)
+        iw = run.method == "iw"
+        losses = {2: 0.7, 4: 0.6}
+        return {
+            "nproc": run.nproc, "repeat": run.repeat, "per_device_batch": 4, "global_batch": 4 * run.nproc,
+            "method": run.method, "torch_compile": run.compile_mode, "process_wall_s": 10.0, "train_runtime_s": 5.0,
+            "calibration_s": 1.0 if iw else 0.0, "calibration_batches": 10 if iw else 0, "samples_per_s": rate / 2,
+            "step_samples_per_s": rate, "steady_samples_per_s": rate, "log_seconds": {}, "eval": {},
+            "sensitivities": {"a": 1.0, "b": 2.0} if iw else None,
+            "coefficients": {"a": 0.5, "b": 0.1} if iw else None,
+            "losses": losses,
+        }  # fmt: skip
+
+    return launch, order
+
+
+def test_repeats_give_median_rates_and_a_launch_order_table(tmp_path, monkeypatch, capsys):
+    """Two alternating repeats: launched ABBA, each side's rates the median over its repeats, every run of every
+    repeat in the JSON, and the markdown's launch-order table shows a slow first run as what it is."""
+    rates = {
+        ("lora", 1): [100.0, 300.0],
+        ("lora", 2): [400.0, 420.0],
+        ("iw", 1): [200.0, 220.0],
+        ("iw", 2): [380.0, 400.0],
+    }
+    launch, order = fake_launch(rates)
+    monkeypatch.setattr(bench_ddp, "launch", launch)
+    prefix = tmp_path / "ddp"
+    argv = ["--model", "m", "--glue_dir", "g", "--cpu", "--pairs", "fp32:4:4:per_device", "--methods", "lora,iw",
+            "--repeats", "2", "--order", "alternate", "--runs_dir", str(tmp_path), "--out", str(prefix)]  # fmt: skip
+    report = bench_ddp.main(argv)
+    assert order == [("lora", 1, 0), ("lora", 2, 0), ("iw", 1, 0), ("iw", 2, 0),
+                     ("iw", 2, 1), ("iw", 1, 1), ("lora", 2, 1), ("lora", 1, 1)]  # fmt: skip
+    assert json.loads(prefix.with_suffix(".json").read_text()) == json.loads(json.dumps(report))
+    assert (report["repeats"], report["order"]) == (2, "alternate")
+    lora, iw = report["pairs"]  # in --methods order, whatever the launch order
+    assert (lora["method"], iw["method"]) == ("lora", "iw")
+    assert lora["one"]["steady_samples_per_s"] == 200.0 and lora["many"]["steady_samples_per_s"] == 410.0
+    assert iw["one"]["steady_samples_per_s"] == 210.0 and iw["compare"]["speedup_steady"] == pytest.approx(390 / 210)
+    assert [r["steady_samples_per_s"] for r in lora["runs"]["1"]] == [100.0, 300.0]
+    assert [r["repeat"] for r in iw["runs"]["2"]] == [0, 1] and iw["one"]["repeats"] == 2
+    assert iw["compare"]["sensitivity_spearman"] == pytest.approx(1.0)
+    rows = report["sequence"]
+    assert [(r["position"], r["name"]) for r in rows[:3]] == [
+        (1, "fp32_b4_n1_per_device_lora_r1"),
+        (2, "fp32_b4_n2_per_device_lora_r1"),
+        (3, "fp32_b4_n1_per_device_r1"),
+    ]
+    assert rows[0]["steady_ms_per_step"] == pytest.approx(40.0) and rows[0]["calib_ms_per_batch"] is None
+    assert rows[2]["calib_ms_per_batch"] == pytest.approx(100.0)
+    md = prefix.with_suffix(".md").read_text()
+    assert md == bench_ddp.markdown(report)
+    assert "Every run 2× (alternate order, see the last table): each samples/s is the median" in md
+    table = md[md.index("## Every run, in launch order") :].splitlines()
+    assert table[-8] == "| 1 | fp32_b4_n1_per_device_lora_r1 | LoRA | none | 1 | 1 | 100 | 40.0 | — |"
+    assert table[-1] == "| 8 | fp32_b4_n1_per_device_lora_r2 | LoRA | none | 1 | 2 | 300 | 13.3 | — |"
+    assert "| 3 | fp32_b4_n1_per_device_r1 | IW-LoRA | none | 1 | 1 | 200 | 20.0 | 100.0 |" in table
+    out = capsys.readouterr().out
+    assert out.count('"speedup_steady"') == 2  # each pair's comparison printed once, when its last run ends
+
+
+def test_one_repeat_keeps_the_pairs_as_before(tmp_path, monkeypatch):
+    """--repeats 1 (default): each side is its one run, no per-repeat copies, run names without _rK."""
+    launch, order = fake_launch({("iw", 1): [200.0], ("iw", 2): [380.0]})
+    monkeypatch.setattr(bench_ddp, "launch", launch)
+    argv = ["--model", "m", "--glue_dir", "g", "--cpu", "--pairs", "fp32:4:4:per_device", "--methods", "iw",
+            "--runs_dir", str(tmp_path), "--out", str(tmp_path / "ddp")]  # fmt: skip
+    (pair,) = bench_ddp.main(argv)["pairs"]
+    assert order == [("iw", 1, 0), ("iw", 2, 0)] and "runs" not in pair and "repeats" not in pair["one"]
+    assert pair["one"]["steady_samples_per_s"] == 200.0
+
+
+@pytest.mark.parametrize("name", ["ddp", "ddp_deberta", "ddp_per_device_eager"])
+def test_committed_reports_regenerate(name):
+    """The committed JSONs (written before --repeats existed) give their committed markdown's generated part."""
+    results = ROOT / "benchmarks" / "results"
+    md = (results / f"{name}.md").read_text()
+    generated = bench_ddp.markdown(json.loads((results / f"{name}.json").read_text()))
+    assert md.startswith(generated)
