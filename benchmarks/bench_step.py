@@ -23,6 +23,13 @@ run (all-mpnet-base-v2, real SST-2 batches):
         --compile none,default,reduce-overhead,max-autotune-no-cudagraphs --pad_to_multiple_of 32 \
         --out benchmarks/results --name compile_step_time
 
+``--deberta only`` runs the same comparison on a random DeBERTa-v3-base-shaped model alone; with ``--model``,
+``--sst2`` and ``--pad_to_multiple_of`` it trains on the SST-2 batches' padded shapes (``--model``'s token ids, which
+DeBERTa-v3's 128,100-id vocabulary holds), the shapes a compiled SST-2 run meets:
+
+    python benchmarks/bench_step.py --model /tmp/models/all-mpnet-base-v2 --sst2 .gpu/glue/SST-2 --deberta only \
+        --compile_only --compile none,reduce-overhead --pad_to_multiple_of 32 --out $OUT --name compile_step_deberta
+
 and a CPU smoke run of the same code (tiny, seconds; ``aot_eager`` instead of inductor's C++ compile):
 
     python benchmarks/bench_step.py --model ../shared/models/all-MiniLM-L6-v2 --sst2 ../shared/data/glue/SST-2 \
@@ -718,12 +725,20 @@ def run_model(label: str, base: torch.nn.Module, batches: list[dict], args: argp
         entry.update(bench_compiled(label, base, batches, args, entry["warmup"]), complete=True)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minilm", "--model", dest="model", help="a local encoder folder (real weights, BERT or MPNet "
                    "layout): all-MiniLM-L6-v2, all-mpnet-base-v2")  # fmt: skip
     p.add_argument("--sst2", help="GLUE SST-2 folder (train.tsv) for real batches")
-    p.add_argument("--deberta", action="store_true", help="also a random DeBERTa-v3-base-shaped model")
+    p.add_argument(
+        "--deberta",
+        nargs="?",
+        const="also",
+        choices=("also", "only"),
+        help="also (bare flag) a random DeBERTa-v3-base-shaped model; only: that model alone. With --model, --sst2 "
+        "and --pad_to_multiple_of it trains on the SST-2 batches' shapes (--model's token ids, all within "
+        "DeBERTa-v3's vocabulary), else on random ids padded to --seq",
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--rounds", type=int, default=7)
@@ -743,7 +758,12 @@ def main() -> None:
         "--compile_pairs", type=int, default=30, help="block pairs of each penalised method vs LoRA per --compile mode"
     )
     p.add_argument("--pad_to_multiple_of", type=int, help="pad SST-2 batches to a multiple of this, not to --seq")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
+    args = p.parse_args(argv)
     args.compile = [m for m in args.compile.split(",") if m]
     unknown = [m for m in args.compile if m not in COMPILE_MODES]
     if unknown or (args.compile_only and not args.compile):
@@ -765,9 +785,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(124))
     try:
         n_batches = 40 if args.compile_only else max(args.calib_steps, 40)
+        batches = []
         if args.model:
             pad = args.pad_to_multiple_of
             batches = sst2_batches(args.model, args.sst2, n_batches, args.batch, args.seq, device, pad)
+        if args.model and args.deberta != "only":
             base = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
             label = f"{Path(args.model).name} (real weights, SST-2 batches)"
             run_model(label, base, batches, args, results)
@@ -779,8 +801,13 @@ def main() -> None:
             cfg = deberta_v3_base_config()
             torch.manual_seed(0)
             base = AutoModelForSequenceClassification.from_config(cfg)
-            batches = random_batches(cfg.vocab_size, n_batches, args.batch, args.seq, device)
-            run_model("DeBERTa-v3-base shapes (random init)", base, batches, args, results)
+            label = "DeBERTa-v3-base shapes (random init)"
+            if batches and args.pad_to_multiple_of:  # the compiled run's shapes: SST-2's padded lengths
+                batches = [{k: v for k, v in b.items() if k != "token_type_ids"} for b in batches]  # type_vocab 0
+                label = "DeBERTa-v3-base shapes (random init, SST-2 batch shapes)"
+            else:
+                batches = random_batches(cfg.vocab_size, n_batches, args.batch, args.seq, device)
+            run_model(label, base, batches, args, results)
         results["complete"] = True
     finally:
         save(results, args)

@@ -1,0 +1,59 @@
+"""benchmarks/bench_step.py's DeBERTa-v3-base shapes in the eager vs compiled comparison: ``--deberta only`` with
+``--model``, ``--sst2`` and ``--pad_to_multiple_of`` trains the DeBERTa architecture on the SST-2 batches' padded
+shapes (no token_type_ids: DeBERTa-v3 has no token types), compiled as the Trainer compiles it, and reports its
+compile time, steady ms/step and graph breaks. A 1-layer DeBERTa-v3 of the real vocabulary stands in for the base
+size (whose CPU run takes minutes); ``aot_eager`` instead of inductor's C++ compile."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from helpers import GLUE, MODEL, needs_shared
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_step  # noqa: E402
+
+BASE_CONFIG = bench_step.deberta_v3_base_config
+
+
+def tiny_deberta_v3():
+    """deberta_v3_base_config's architecture (relative attention, shared keys, p2c/c2p, no token types) at 1 layer
+    of width 32; the vocabulary stays DeBERTa-v3's (128,100 ids: every MiniLM token id fits)."""
+    config = BASE_CONFIG()
+    config.update({"hidden_size": 32, "pooler_hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2})
+    config.intermediate_size = 64
+    return config
+
+
+@needs_shared
+def test_deberta_shapes_compile_on_sst2_batch_shapes(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_step, "deberta_v3_base_config", tiny_deberta_v3)
+    monkeypatch.setattr(bench_step.signal, "signal", lambda *a: None)  # main's SIGTERM handler stays out of pytest
+    argv = ["--model", str(MODEL), "--sst2", str(GLUE / "SST-2"), "--deberta", "only", "--compile_only",
+            "--compile", "none,default", "--compile_backend", "aot_eager", "--batch", "4", "--seq", "32",
+            "--pad_to_multiple_of", "16", "--rounds", "1", "--steps", "1", "--compile_pairs", "2", "--block", "1",
+            "--out", str(tmp_path), "--name", "deb", "--tmp", str(tmp_path / "tmp")]  # fmt: skip
+    bench_step.main(argv)
+    results = json.loads((tmp_path / "deb.json").read_text())
+    assert results["complete"] and results["models"] == []  # only: no --model benchmark
+    (r,) = results["compiled"]
+    assert r["model"] == "DeBERTa-v3-base shapes (random init, SST-2 batch shapes)"
+    assert r["shapes"] and all(b == 4 and s in (16, 32) for b, s in r["shapes"])  # padded to multiples of 16
+    assert r["dynamo_while_timing"] == {"frames": 0, "graphs": 0, "graph_breaks": 0}
+    lora, iw = r["methods"]["lora"], r["methods"]["iw_lora"]
+    assert lora["default"]["frames"] >= 1 and lora["default"]["graph_breaks"] == 0 and "compile_s" in lora["default"]
+    assert iw["default"]["frames"] == 0  # IW-LoRA reuses LoRA's graphs
+    assert all(e["ms_per_step"] > 0 for by_mode in r["methods"].values() for e in by_mode.values())
+    assert "paired_vs_lora" in iw["default"]
+    md = (tmp_path / "deb.md").read_text()
+    assert "## DeBERTa-v3-base shapes (random init, SST-2 batch shapes): eager vs torch.compile (aot_eager)" in md
+
+
+def test_deberta_flag_keeps_its_bare_form():
+    """``--deberta`` alone still means "also" (the committed commands use it bare); ``only`` drops --model's run."""
+    parse = bench_step.parser().parse_args
+    assert parse(["--deberta"]).deberta == "also" and parse(["--deberta", "only"]).deberta == "only"
+    assert parse([]).deberta is None
