@@ -324,11 +324,15 @@ def build_command(args: argparse.Namespace, model: str, run: Run, port: int) -> 
     return cmd, env
 
 
-def run_timed(cmd: list[str], env: dict[str, str]) -> tuple[int, str, str, float, list[float]]:
+def run_timed(
+    cmd: list[str], env: dict[str, str], stamps: dict[str, list[float]] | None = None
+) -> tuple[int, str, str, float, list[float]]:
     """Run ``cmd``: its return code, stdout, stderr, wall seconds and the seconds (since the start) at which each
-    training log line arrived on stdout."""
+    training log line arrived on stdout. ``stamps`` maps other line prefixes to lists that receive the arrival
+    times of the lines starting with them (``"{'train_runtime'"``: the end of ``train()``)."""
     times: list[float] = []
     lines: list[str] = []
+    stamps = stamps or {}
     with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: reading stdout alone cannot deadlock
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
@@ -336,6 +340,9 @@ def run_timed(cmd: list[str], env: dict[str, str]) -> tuple[int, str, str, float
         for line in proc.stdout:
             if line.startswith(LOSS_LINE):
                 times.append(time.perf_counter() - t0)
+            for prefix, arrivals in stamps.items():
+                if line.startswith(prefix):
+                    arrivals.append(time.perf_counter() - t0)
             lines.append(line)
         rc = proc.wait()
         wall = time.perf_counter() - t0
@@ -351,6 +358,20 @@ def steady_rate(global_batch: int, steps: list[int], times: list[float]) -> floa
     return global_batch * (steps[-1] - steps[1]) / (times[-1] - times[1])
 
 
+def run_outputs(out: Path) -> tuple[dict, dict, dict]:
+    """A finished run's ``all_results.json``, ``iw_importance.json`` ({} for plain LoRA: none written) and
+    ``trainer_state.json``."""
+    results = json.loads((out / "all_results.json").read_text())
+    importance_file = out / "iw_importance.json"
+    importance = json.loads(importance_file.read_text()) if importance_file.is_file() else {}
+    return results, importance, json.loads((out / "trainer_state.json").read_text())
+
+
+def eval_metrics(results: dict) -> dict:
+    """The ``eval_*`` metrics of a run's ``all_results.json``, its timings left out."""
+    return {k: v for k, v in results.items() if k.startswith("eval_") and "runtime" not in k and "per_second" not in k}
+
+
 def launch(args: argparse.Namespace, model: str, run: Run) -> dict:
     """One run of run_glue_iw.py under the launcher; returns its results, importance and log."""
     nproc, pair, method, compile_mode, out = run.nproc, run.pair, run.method, run.compile_mode, run.out
@@ -360,11 +381,8 @@ def launch(args: argparse.Namespace, model: str, run: Run) -> dict:
     (out.parent / f"{out.name}.log").write_text(stdout + stderr)
     if rc != 0:
         raise SystemExit(f"bench_ddp: run {out.name} failed (rc {rc}):\n{(stderr or stdout)[-3000:]}")
-    results = json.loads((out / "all_results.json").read_text())
-    importance_file = out / "iw_importance.json"  # none for plain LoRA
-    importance = json.loads(importance_file.read_text()) if importance_file.is_file() else {}
+    results, importance, state = run_outputs(out)
     modules = importance.get("modules", {})
-    state = json.loads((out / "trainer_state.json").read_text())
     losses = {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
     calib = importance.get("calibration_seconds") or 0.0
     global_batch = pair.global_batch(nproc)
@@ -384,9 +402,7 @@ def launch(args: argparse.Namespace, model: str, run: Run) -> dict:
         "step_samples_per_s": global_batch * pair.steps / (results["train_runtime"] - calib),
         "steady_samples_per_s": steady_rate(global_batch, logged, times),
         "log_seconds": dict(zip(logged, times)) if len(logged) == len(times) else {},
-        "eval": {
-            k: v for k, v in results.items() if k.startswith("eval_") and "runtime" not in k and "per_second" not in k
-        },
+        "eval": eval_metrics(results),
         "sensitivities": {k: m["sensitivity"] for k, m in modules.items()} or None,
         "coefficients": {k: m["coefficient"] for k, m in modules.items()} or None,
         "losses": losses,
@@ -538,13 +554,34 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parser() -> argparse.ArgumentParser:
+def run_parser(
+    script: str, doc: str | None, logging_steps: int, cpu_help: str, runs_dir: str, out: str
+) -> argparse.ArgumentParser:
+    """An argument parser with the flags ``build_command`` reads (model, data, calibration, logging, row limits,
+    threads, CPU mode), ``--deberta_shapes``, ``--runs_dir`` and ``--out``: shared by bench_ddp and bench_run."""
     p = argparse.ArgumentParser(
-        prog=Path(__file__).name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=Path(script).name, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", required=True)
     p.add_argument("--glue_dir", required=True)
     p.add_argument("--task", default="sst2")
+    p.add_argument("--calib_steps", type=int, default=150)
+    p.add_argument("--logging_steps", type=int, default=logging_steps)
+    p.add_argument("--max_train_samples", type=int, default=0)
+    p.add_argument("--max_eval_samples", type=int, default=0, help="0 = the whole dev set")
+    p.add_argument("--threads", type=int, default=4)
+    p.add_argument(
+        "--deberta_shapes", action="store_true", help="a random DeBERTa-v3-base-shaped model (--model's tokenizer)"
+    )
+    p.add_argument("--cpu", action="store_true", help=cpu_help)
+    p.add_argument("--runs_dir", default=runs_dir)
+    p.add_argument("--out", default=out, help="writes OUT.json and OUT.md")
+    return p
+
+
+def parser() -> argparse.ArgumentParser:
+    cpu = "gloo on CPU (a smoke test of the script, not a benchmark)"
+    p = run_parser(__file__, __doc__, 10, cpu, "/tmp/iw_ddp_runs", "benchmarks/results/ddp")
     p.add_argument("--nproc", type=int, default=2, help="N, the processes (GPUs) of the second run of a pair (>= 2)")
     p.add_argument(
         "--pairs",
@@ -573,17 +610,6 @@ def parser() -> argparse.ArgumentParser:
         help="grouped: each method's 1- then N-process runs (all repeats) in turn; alternate: per repeat one round "
         "of every method and process count, reversed every other round (a first-run effect vs a method's cost)",
     )
-    p.add_argument("--calib_steps", type=int, default=150)
-    p.add_argument("--logging_steps", type=int, default=10)
-    p.add_argument("--max_train_samples", type=int, default=0)
-    p.add_argument("--max_eval_samples", type=int, default=0, help="0 = the whole dev set")
-    p.add_argument("--threads", type=int, default=4)
-    p.add_argument(
-        "--deberta_shapes", action="store_true", help="a random DeBERTa-v3-base-shaped model (--model's tokenizer)"
-    )
-    p.add_argument("--cpu", action="store_true", help="gloo on CPU (a smoke test of the script, not a benchmark)")
-    p.add_argument("--runs_dir", default="/tmp/iw_ddp_runs")
-    p.add_argument("--out", default="benchmarks/results/ddp", help="writes OUT.json and OUT.md")
     return p
 
 

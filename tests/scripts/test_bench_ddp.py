@@ -125,6 +125,14 @@ def test_bare_torch_compile_is_the_default_mode():
     assert (args.torch_compile, args.methods) == ("default", "lora")
 
 
+def run_report(cmd: list[str], prefix: Path) -> dict:
+    """Run a benchmark's command line (in the repository, the tests' environment): it must succeed; its
+    ``PREFIX.json``."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
+    return json.loads(prefix.with_suffix(".json").read_text())
+
+
 @pytest.mark.slow
 @needs_shared
 def test_per_device_smoke_run_on_cpu(tmp_path):
@@ -136,9 +144,7 @@ def test_per_device_smoke_run_on_cpu(tmp_path):
         "--logging_steps", "2", "--max_train_samples", "64", "--max_eval_samples", "16", "--threads", "1",
         "--runs_dir", str(tmp_path / "runs"), "--out", str(prefix),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
-    report = json.loads(prefix.with_suffix(".json").read_text())
+    report = run_report(cmd, prefix)
     assert (report["methods"], report["torch_compile"], report["batch_modes"]) == (
         ["iw", "lora"],
         ["none"],
