@@ -1,7 +1,7 @@
 """The run_glue.py-compatible program: parse, load and check everything, then train / evaluate / predict.
 
     command line ──parse_args──▶ ParsedArgs ──prepare──▶ Run (data, tokenized splits, model wrapped by the method)
-        ──train_and_evaluate──▶ IWTrainer.train ──▶ output_dir: adapter/model, all_results.json, iw_importance.json, …
+        ──train_and_evaluate──▶ GlueTrainer.train ──▶ output_dir: adapter/model, all_results.json, iw_importance.json…
 
 ``run_glue_iw.py`` at the repository root and the console command ``iwtrainer-glue`` both call :func:`main`.
 """
@@ -26,7 +26,6 @@ from ..guard import TrainingDiverged
 from ..methods import AdapterArguments, MethodSetup, build_adapter, get_method
 from ..plot import plot_run
 from ..search import BackendNotInstalled
-from ..trainer import IWTrainer
 from ..training_args import IWTrainingArguments
 from .arguments import USER_ERRORS, DataTrainingArguments, ModelArguments, ParsedArgs, one_line, parse_args
 from .data import (
@@ -41,6 +40,7 @@ from .data import (
 from .modeling import load_model_and_tokenizer
 from .resume import RunSettingsCallback, checkpoint_to_resume, run_settings
 from .search import check_search, run_glue_search, search_space
+from .trainer import GlueTrainer
 
 logger = logging.getLogger(__name__)
 PROG = "run_glue_iw.py"
@@ -153,7 +153,7 @@ def train_and_evaluate(run: Run) -> None:
     collator = data_collator_for(run.tokenizer, data_args, args)
     train_dataset = run.splits["train"][0][1] if run.splits["train"] else None
     eval_dataset = run.splits["eval"][0][1] if run.splits["eval"] else None
-    trainer = IWTrainer(
+    trainer = GlueTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,

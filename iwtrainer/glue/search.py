@@ -26,11 +26,11 @@ from ..search import (
     require_backend,
     run_search,
 )
-from ..trainer import IWTrainer
 from .arguments import HpoArguments
 from .data import data_collator_for, label_mapping, make_compute_metrics
 from .modeling import load_model_and_tokenizer
 from .tasks import objective_metric
+from .trainer import GlueTrainer
 
 if TYPE_CHECKING:
     from .run import Run
@@ -80,7 +80,7 @@ def check_search(run: Run, hpo_args: HpoArguments, space: Mapping[str, Any]) -> 
 
 
 def run_glue_search(run: Run, hpo_args: HpoArguments, space: Mapping[str, Any]) -> Any:
-    """The ``--hpo_trials`` branch of ``run_glue_iw.py``: an ``IWTrainer`` with ``model_init`` and :func:`run_search`.
+    """The ``--hpo_trials`` branch of ``run_glue_iw.py``: a ``GlueTrainer`` with ``model_init`` and :func:`run_search`.
 
     The tokenized datasets are built once; ``model_init`` reloads the checkpoint and rebuilds the adapter (the model
     built while validating the input serves the trainer's construction, then is dropped).
@@ -98,7 +98,7 @@ def run_glue_search(run: Run, hpo_args: HpoArguments, space: Mapping[str, Any]) 
         return build_adapter(model, run.adapter_args, args, missing, run.setup.options).model
 
     collator = data_collator_for(run.tokenizer, data_args, args)
-    trainer = IWTrainer(
+    trainer = GlueTrainer(
         model_init=model_init,
         args=args,
         train_dataset=run.splits["train"][0][1],

@@ -226,8 +226,33 @@ def test_prepare_writes_nothing_and_train_and_evaluate_writes_the_results(tmp_pa
 @pytest.mark.parametrize(
     "module",
     ["iwtrainer.glue", "iwtrainer.glue.arguments", "iwtrainer.glue.run", "iwtrainer.glue.search",
-     "iwtrainer.glue.data", "iwtrainer.glue.tsv", "iwtrainer.search"],
+     "iwtrainer.glue.data", "iwtrainer.glue.tsv", "iwtrainer.glue.trainer", "iwtrainer.search"],
 )  # fmt: skip
 def test_each_module_imports_first(module):
     """No import cycle: every module of the GLUE application can be the first one imported."""
     subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, check=True)
+
+
+@needs_shared
+def test_drop_last_drops_training_batches_only(tmp_path, glue_for, monkeypatch):
+    """``--dataloader_drop_last`` (the compiled recipe) keeps every eval and predict row: 20 eval and 10 predict rows
+    at batch 16 are scored in full (the Trainer alone would score 16 and 0), while training still drops its last
+    short batch (60 rows at batch 8: 7 steps an epoch)."""
+    import iwtrainer.glue.data as glue_data
+
+    scored = []
+    make = glue_data.make_compute_metrics
+
+    def counting(*args, **kwargs):
+        compute = make(*args, **kwargs)
+        return lambda p: scored.append(len(p.label_ids)) or compute(p)
+
+    monkeypatch.setattr("iwtrainer.glue.run.make_compute_metrics", counting)
+    out = tmp_path / "drop"
+    flags = ["--do_train", "--do_eval", "--do_predict", "--dataloader_drop_last", "true", "--max_train_samples", "60",
+             "--max_eval_samples", "20", "--max_predict_samples", "10", "--max_steps", "-1", "--num_train_epochs", "1",
+             "--iw_alpha", "0"]  # fmt: skip
+    main(base_args(out, "rte", *flags, glue=glue_for("rte")))
+    assert scored == [20]
+    assert read(out / "trainer_state.json")["global_step"] == 7
+    assert len((out / "predict_results_rte.txt").read_text().splitlines()) == 1 + 10
