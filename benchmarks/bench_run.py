@@ -333,8 +333,8 @@ def markdown(report: dict) -> str:
         f"`--max_seq_length {s['max_seq_length']} --pad_to_max_length false --pad_to_multiple_of "
         f"{s['pad_to_multiple_of']} --dataloader_drop_last true`, compile backend {s['compile_backend']}; "
         f"training loss logged every {s['logging_steps']} steps, dev metric at eval batch {s['eval_batch']} "
-        f"({report['eval_rows_evaluated']} of {report['eval_rows']} dev rows: `--dataloader_drop_last` drops a "
-        "short last eval batch too). Steady: ms/step over the logging intervals from the 2nd logged step on "
+        f"over all {report['eval_rows']} dev rows (`--dataloader_drop_last` drops training's short batch only). "
+        "Steady: ms/step over the logging intervals from the 2nd logged step on "
         "(median; mean in brackets), from the arrival times of the log lines. Warm-up above steady: from the end of "
         "calibration to the first logged step, minus those steps at the steady speed (the first compile); later: the "
         "rest of `train()` above its steps at the steady speed (new shapes' compiles, logging).",
@@ -442,7 +442,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max_seq_length", type=int, default=128)
     p.add_argument("--pad_to_multiple_of", type=int, default=32)
     p.add_argument(
-        "--eval_batch", type=int, default=8, help="eval batch (8 divides SST-2's 872 dev rows: none dropped)"
+        "--eval_batch", type=int, default=8, help="eval batch (run_glue_iw scores every dev row at any batch)"
     )
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--nodrop", action="store_true", help="every dropout off (encoder config and LoRA)")
@@ -498,7 +498,6 @@ def main(argv: list[str] | None = None) -> dict:
         "configs": [c.__dict__ for c in configs],
         "train_rows": train_rows,
         "eval_rows": eval_rows,
-        "eval_rows_evaluated": eval_rows - eval_rows % args.eval_batch,
         "full_epochs": args.full_epochs,
         "full_steps": math.floor(args.full_epochs * (train_rows // args.batch)),
         "runs": [],
