@@ -25,12 +25,12 @@ class KillAfterSave(TrainerCallback):
 
 if __name__ == "__main__":
     step, argv = int(sys.argv[1]), sys.argv[2:]
-    original = run.IWTrainer
+    original = run.GlueTrainer
 
     class Killed(original):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.add_callback(KillAfterSave(step))  # last: after every callback that writes into the checkpoint
 
-    run.IWTrainer = Killed
+    run.GlueTrainer = Killed
     run.main(argv)
