@@ -502,7 +502,7 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     out = {}
     for name in VERSIONED:
         try:
@@ -514,7 +514,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _commit() -> str | None:
+def commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip() or None  # fmt: skip
@@ -590,8 +590,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": shlex.join(["python3", *(sys.argv if argv is None else [os.path.relpath(__file__, ROOT), *argv])]),
         "argv": sys.argv if argv is None else argv,
         "device": torch.cuda.get_device_name() if _cuda() else platform.processor() or "cpu",
-        "versions": _versions(),
-        "commit": _commit(),
+        "versions": versions(),
+        "commit": commit(),
         "tf32_matmul": False,
         "setup": {
             "model": "MPNet hidden 64, 2 layers, random weights (tiny)" if args.tiny else "all-mpnet-base-v2",

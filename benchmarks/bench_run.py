@@ -77,7 +77,6 @@ import argparse
 import json
 import math
 import shlex
-import subprocess
 import sys
 import threading
 import time
@@ -549,22 +548,11 @@ SHOWN = ("process_wall_s", "train_runtime_s", "calibration_s", "steady_ms", "war
 
 
 def versions() -> dict:
-    """Library versions and the commit, for the report (None where unknown: a copy of the tree without .git)."""
-    from importlib.metadata import PackageNotFoundError, version
+    """Library versions and the commit, for the report: bench_qlora's (imported here: it loads torch and iwtrainer,
+    which this launcher itself does not need)."""
+    import bench_qlora
 
-    out: dict = {}
-    for name in ("torch", "transformers", "peft", "accelerate"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    try:
-        out["commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        out["commit"] = None
-    return out
+    return {**bench_qlora.versions(), "commit": bench_qlora.commit()}
 
 
 if __name__ == "__main__":
