@@ -483,7 +483,8 @@ def build_compiled(base: torch.nn.Module, batches: list[dict], args: argparse.Na
         "delta_l2": importance_record(dict.fromkeys(sens), "uniform", 1.0),  # every coefficient 1, nothing measured
     }
     steps = {}
-    for method, (alpha, normalize) in COMPILE_METHODS.items():
+    for method in args.compile_methods:
+        alpha, normalize = COMPILE_METHODS[method]
         for mode in args.compile:
             torch.manual_seed(0)
             model = _lora(copy.deepcopy(base))
@@ -758,6 +759,12 @@ def parser() -> argparse.ArgumentParser:
         "--compile_pairs", type=int, default=30, help="block pairs of each penalised method vs LoRA per --compile mode"
     )
     p.add_argument("--pad_to_multiple_of", type=int, help="pad SST-2 batches to a multiple of this, not to --seq")
+    p.add_argument(
+        "--compile_methods",
+        default=",".join(COMPILE_METHODS),
+        help=f"comma-separated methods of {list(COMPILE_METHODS)} in the --compile comparison (lora always: the "
+        "paired ratios divide by it)",
+    )
     return p
 
 
@@ -768,6 +775,12 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in args.compile if m not in COMPILE_MODES]
     if unknown or (args.compile_only and not args.compile):
         p.error(f"--compile takes modes of {COMPILE_MODES} (comma-separated), got {unknown or 'none'}")
+    args.compile_methods = [m for m in args.compile_methods.split(",") if m]
+    bad = [m for m in args.compile_methods if m not in COMPILE_METHODS]
+    if bad or "lora" not in args.compile_methods:
+        known = list(COMPILE_METHODS)
+        p.error(f"--compile_methods takes methods of {known} including lora, got {args.compile_methods}")
+    args.compile_methods = [m for m in COMPILE_METHODS if m in args.compile_methods]  # LoRA first: its warm-up
     if args.pad_to_multiple_of and args.seq % args.pad_to_multiple_of:
         p.error(f"--pad_to_multiple_of {args.pad_to_multiple_of} must divide --seq {args.seq}")
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import GLUE, MODEL, needs_shared
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +36,8 @@ def test_deberta_shapes_compile_on_sst2_batch_shapes(tmp_path, monkeypatch):
     argv = ["--model", str(MODEL), "--sst2", str(GLUE / "SST-2"), "--deberta", "only", "--compile_only",
             "--compile", "none,default", "--compile_backend", "aot_eager", "--batch", "4", "--seq", "32",
             "--pad_to_multiple_of", "16", "--rounds", "1", "--steps", "1", "--compile_pairs", "2", "--block", "1",
-            "--out", str(tmp_path), "--name", "deb", "--tmp", str(tmp_path / "tmp")]  # fmt: skip
+            "--compile_methods", "iw_lora,lora", "--out", str(tmp_path), "--name", "deb",
+            "--tmp", str(tmp_path / "tmp")]  # fmt: skip
     bench_step.main(argv)
     results = json.loads((tmp_path / "deb.json").read_text())
     assert results["complete"] and results["models"] == []  # only: no --model benchmark
@@ -43,6 +45,7 @@ def test_deberta_shapes_compile_on_sst2_batch_shapes(tmp_path, monkeypatch):
     assert r["model"] == "DeBERTa-v3-base shapes (random init, SST-2 batch shapes)"
     assert r["shapes"] and all(b == 4 and s in (16, 32) for b, s in r["shapes"])  # padded to multiples of 16
     assert r["dynamo_while_timing"] == {"frames": 0, "graphs": 0, "graph_breaks": 0}
+    assert list(r["methods"]) == ["lora", "iw_lora"]  # --compile_methods: ΔL2 left out, LoRA first whatever the order
     lora, iw = r["methods"]["lora"], r["methods"]["iw_lora"]
     assert lora["default"]["frames"] >= 1 and lora["default"]["graph_breaks"] == 0 and "compile_s" in lora["default"]
     assert iw["default"]["frames"] == 0  # IW-LoRA reuses LoRA's graphs
@@ -57,3 +60,12 @@ def test_deberta_flag_keeps_its_bare_form():
     parse = bench_step.parser().parse_args
     assert parse(["--deberta"]).deberta == "also" and parse(["--deberta", "only"]).deberta == "only"
     assert parse([]).deberta is None
+
+
+@pytest.mark.parametrize("methods", ["iw_lora", "lora,dora"])
+def test_compile_methods_needs_lora_and_known_methods(methods, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_step.main(["--compile_only", "--compile", "none", "--compile_methods", methods])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--compile_methods takes methods of ['lora', 'iw_lora', 'delta_l2'] including lora" in err
