@@ -1,0 +1,50 @@
+"""benchmarks/profile_run.py: ``run_glue_iw.py`` with ``torch.profiler`` over a window of optimizer steps. On CPU: a
+tiny real run writes the rank's summary for exactly the profiled steps, and bad flags give one line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import base_args, needs_shared
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import profile_run  # noqa: E402
+
+import iwtrainer.glue.run as run  # noqa: E402
+
+
+@needs_shared
+def test_profiles_the_window_and_writes_the_rank_summary(tmp_path):
+    prof = tmp_path / "prof"
+    argv = ["--profile_dir", str(prof), "--profile_start", "1", "--profile_steps", "2", "--",
+            *base_args(tmp_path / "run", "rte", "--do_train", "--iw_alpha", "1e-4")]  # fmt: skip
+    original = run.GlueTrainer
+    profile_run.main(argv)
+    assert run.GlueTrainer is original  # the patch does not outlive the run
+    summary = json.loads((prof / "rank0.json").read_text())
+    assert summary["rank"] == 0 and summary["steps"] == 2 and summary["wall_ms_per_step"] > 0
+    names = [r["name"] for r in summary["top_host"]]
+    assert len(names) == profile_run.TOP and any(n.startswith("aten::") for n in names)
+    # every op of a training step ran in each profiled step: the optimizer's AdamW step, once a step
+    adam = [r for r in summary["top_host"] + summary["top_device"] if "AdamW" in r["name"]]
+    assert adam and all(r["calls_per_step"] == pytest.approx(1.0) for r in adam)
+    assert summary["host_waits"] == [] and summary["device_busy_ms_per_step"] == 0  # CPU: nothing to wait for
+    md = (prof / "rank0.md").read_text()
+    assert md.startswith("# Profile of 2 Trainer steps, rank 0") and "### Host waits" in md
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--profile_dir", "d"], "expected `-- <run_glue_iw.py flags>`"),
+        (["--profile_dir", "d", "--profile_steps", "0", "--"], "--profile_steps: expected a positive integer, got 0"),
+    ],
+)
+def test_bad_flags_give_one_line(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exc:
+        profile_run.main(argv)
+    assert exc.value.code == 2 and expected in capsys.readouterr().err
