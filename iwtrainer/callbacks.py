@@ -152,6 +152,7 @@ class SensitivityCallback(TrainerCallback):
                 adapter_name=self.adapter_name,
                 autocast_dtype=autocast,
                 show_progress=self.show_progress and not args.disable_tqdm,
+                group=settings.calib_group,
             )
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):

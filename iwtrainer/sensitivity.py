@@ -34,6 +34,13 @@ forward/backward and 2,548 MiB for a LoRA training step (dropout masks of one by
 * gradient accumulation or data parallelism: the batch's sum spans micro-batches or ranks, so the flat buffer
   (324 MiB) must outlive each backward pass — the definition's minimum (the norm of a sum needs the sum).
 
+Speed (issue 15: 150 eager calibration batches are ~2 % of a 3-epoch SST-2 LoRA run, more against a compiled one). A
+batch of 32 short sequences is launch-bound on a GPU, so ``group`` (``iw_calib_group``) stacks up to that many batches
+of one shape into one forward/backward pass: the model is in eval mode and no example interacts with another, so each
+batch's ``G_c`` rows are exactly its own, and each call's ``Gᵀ X`` is taken per batch in one batched matmul
+(:func:`segment_weight_grads`; the stacked mean loss is scaled by the total item count, and each batch's norm divided
+by its own). Same ``s_k`` up to float rounding; ``group``× the held inputs (the memory figures above, per stack).
+
 Nothing outlives :func:`compute_sensitivities`: it returns floats; buffers, inputs, hooks and graph are freed.
 """
 
@@ -278,6 +285,17 @@ def weight_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return acc.addmm_(g2.t().float(), x2.float())
 
 
+@torch.no_grad()
+def segment_weight_grads(g: torch.Tensor, x: torch.Tensor, segments: int) -> torch.Tensor:
+    """``(segments, d_out, d_in)`` fp32: ``G_mᵀ X_m`` of each of ``segments`` equal slices of dim 0 (the batches
+    stacked in one micro-batch), in one batched matmul; half precision as :func:`weight_grad` multiplies."""
+    gs = g.reshape(segments, -1, g.shape[-1])
+    xs = x.reshape(segments, -1, x.shape[-1])
+    half = [t.dtype for t in (gs, xs) if t.dtype in _HALF]
+    dtype = half[0] if half else torch.float32
+    return torch.bmm(gs.transpose(1, 2).to(dtype), xs.to(dtype)).float()
+
+
 def flat_buffers(targets: list[LoraTarget], device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One flat fp32 buffer and its per-target ``(d_out, d_in)`` views: one ``zero_()``, one all-reduce a batch."""
     shapes = [_base_shape(t) for t in targets]
@@ -308,6 +326,8 @@ class WeightGradNorms:
     def __init__(self, targets: list[LoraTarget], device: torch.device, buffered: bool):
         self.flat, self.accs = flat_buffers(targets, device) if buffered else (None, [])
         self.norms = torch.zeros(len(targets), device=device, dtype=torch.float32)  # unbuffered: this batch's
+        self.names = [t.name for t in targets]
+        self.segments = 1  # batches stacked in the micro-batch (unbuffered only): see set_segments
         self._partial: dict[int, torch.Tensor] = {}
         self._expected = [0] * len(targets)
         self._arrived = [0] * len(targets)
@@ -316,13 +336,33 @@ class WeightGradNorms:
         """A call of target ``index`` whose gradient may arrive in this micro-batch's backward."""
         self._expected[index] += 1
 
+    def set_segments(self, segments: int, rows: int) -> None:
+        """The next micro-batch stacks ``segments`` batches of ``rows // segments`` examples each along dim 0: each
+        call's ``Gᵀ X`` is then taken per batch (:func:`segment_weight_grads`), and :attr:`norms` is
+        ``(segments, K)``. Unbuffered only (one process, one micro-batch per batch)."""
+        if self.flat is not None and segments > 1:
+            raise ValueError("stacked calibration batches need one process and one micro-batch per batch")
+        self.segments, self._rows = segments, rows
+        shape = (segments, len(self.names)) if segments > 1 else (len(self.names),)
+        self.norms = torch.zeros(shape, device=self.norms.device, dtype=torch.float32)
+
     def add(self, index: int, g: torch.Tensor, x: torch.Tensor) -> None:
         """Add ``Gᵀ X`` of one call of target ``index``."""
         if self.flat is not None:
             add_weight_grad_(self.accs[index], g, x)
             return
         acc = self._partial.get(index)
-        if acc is None:
+        if self.segments > 1:
+            if g.dim() < 2 or g.shape[0] != self._rows or x.shape[0] != self._rows:
+                raise ValueError(
+                    f"iw_calib_group: a call of LoRA layer '{self.names[index]}' ran on an input of shape "
+                    f"{tuple(x.shape)}, not split by example along dim 0 ({self._rows} rows: a tensor shared by the "
+                    "batch, e.g. DeBERTa's relative positions, or packed sequences); its gradient cannot be taken "
+                    "per batch: use iw_calib_group=1"
+                )
+            product = segment_weight_grads(g, x, self.segments)
+            self._partial[index] = product if acc is None else acc.add_(product)
+        elif acc is None:
             self._partial[index] = weight_grad(g, x)
         else:
             add_weight_grad_(acc, g, x)
@@ -331,7 +371,11 @@ class WeightGradNorms:
             self._reduce(index)
 
     def _reduce(self, index: int) -> None:
-        self.norms[index] = torch._foreach_norm([self._partial.pop(index)])[0]
+        partial = self._partial.pop(index)
+        if self.segments > 1:  # one norm per stacked batch
+            self.norms[:, index] = torch.linalg.vector_norm(partial, dim=(1, 2))
+        else:
+            self.norms[index] = torch._foreach_norm([partial])[0]
 
     def end_micro_batch(self) -> None:
         """After a micro-batch's backward: sums of calls that never reached the loss are complete too."""
@@ -361,6 +405,41 @@ class Sensitivities(dict):
         self.batches = batches
 
 
+def _shape_key(batch: Mapping[str, Any]) -> tuple:
+    """What batches must share to be stacked: every key, tensor shape and dtype; other values themselves."""
+    return tuple(
+        (k, tuple(v.shape), v.dtype, v.device) if torch.is_tensor(v) and v.dim() > 0 else (k, repr(v))
+        for k, v in sorted(batch.items())
+    )
+
+
+def _stacks(iterator: Iterator[Mapping[str, Any]], num_steps: int, group: int) -> Iterator[list[Mapping[str, Any]]]:
+    """The first ``num_steps`` batches, as lists of up to ``group`` batches of one shape (a full list as soon as it
+    is full; the partial ones once ``num_steps`` batches are read or the data ends)."""
+    pending: dict[tuple, list[Mapping[str, Any]]] = {}
+    for read, batch in enumerate(iterator, 1):
+        same = pending.setdefault(_shape_key(batch), [])
+        same.append(batch)
+        if len(same) == group:
+            yield pending.pop(_shape_key(batch))
+        if read == num_steps:
+            break
+    yield from pending.values()
+
+
+def _stack(batches: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """One batch of the same-shaped ``batches`` concatenated along dim 0 (other values: the first's, all equal)."""
+    first = batches[0]
+    return {
+        k: torch.cat([b[k] for b in batches]) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in first.items()
+    }
+
+
+def _rows(batch: Mapping[str, Any]) -> int:
+    """Examples in a stacked batch: the leading dimension its tensors share."""
+    return next(int(v.shape[0]) for v in batch.values() if torch.is_tensor(v) and v.dim() > 0)
+
+
 def compute_sensitivities(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
@@ -371,6 +450,7 @@ def compute_sensitivities(
     autocast_dtype: torch.dtype | None = None,
     loss_scale: float | None = None,
     show_progress: bool = True,
+    group: int = 1,
 ) -> Sensitivities:
     """Average full-batch gradient norm ``s_k = mean_b ‖∂L/∂W_k‖_F`` of every LoRA target's base weight.
 
@@ -388,6 +468,11 @@ def compute_sensitivities(
         loss_scale: constant multiplier on the loss before differentiation (defaults to 2**12 under fp16 so
             small gradients do not underflow; divided out again, so ``s_k`` does not depend on it).
         show_progress: show a tqdm bar (only on the main process).
+        group: batches of identical shapes stacked into one forward/backward pass (``iw_calib_group``), each batch's
+            ``Gᵀ X`` still taken apart (one batched matmul per call), so ``s_k`` is the same up to float rounding at
+            up to ``group``× fewer, larger passes and ``group``× the activation memory. Batches of another shape wait
+            for a group of their own (none is reordered into a different batch, none is padded); one process, one
+            micro-batch per batch, and every tapped call's input split by example along dim 0.
 
     The model is put in eval mode (dropout off, so ``s_k`` is a deterministic function of the data) and
     restored afterwards; weights, ``.grad`` buffers and optimizer are untouched.
@@ -396,6 +481,12 @@ def compute_sensitivities(
         raise ValueError(f"iw_calib_steps must be >= 1, got {num_steps}")
     if gradient_accumulation_steps < 1:
         raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+    if group > 1 and (gradient_accumulation_steps > 1 or _distributed()):
+        raise ValueError(
+            f"iw_calib_group={group} needs one process and gradient_accumulation_steps=1 (each stacked batch's sum "
+            f"must end with its backward pass); got {world_size()} processes, gradient_accumulation_steps="
+            f"{gradient_accumulation_steps}: use iw_calib_group=1"
+        )
     loss_fn = loss_fn or default_loss_fn
     inner = unwrap_model(model)
     targets = find_lora_targets(inner, adapter_name)
@@ -423,30 +514,45 @@ def compute_sensitivities(
     )
     measured = 0
     iterator = iter(batches)
+
+    def backward(batch: Mapping[str, Any], n: int | torch.Tensor) -> None:
+        """One micro-batch's forward pass and its backward to the taps, for a loss summed over its ``n`` items."""
+        taps.start_micro_batch()
+        with amp, run_eagerly(inner):  # compiled in place: hooks and autograd.grad need eager tensors
+            loss = loss_fn(inner, batch)
+        taps.end_forward()
+        if not taps.calls:
+            raise ValueError("calibration: no LoRA layer ran in the forward pass; check target_modules")
+        if taps.frozen:
+            raise ValueError(
+                f"calibration: the output of LoRA layer '{targets[taps.frozen[0]].name}' does not require "
+                "grad; the LoRA parameters must be trainable (requires_grad=True)"
+            )
+        # The taps' hooks add every call's Gᵀ X as the backward pass reaches it; the result is one scalar.
+        torch.autograd.grad(loss.float() * (n * loss_scale), taps.probe, allow_unused=True)
+        del loss
+        sums.end_micro_batch()
+
     try:
         inner.eval()
-        for _ in range(num_steps):
+        for stacked in _stacks(iterator, num_steps, group) if group > 1 else ():
+            batch = send_to_device(_stack(stacked), device, non_blocking=True)
+            items = [loss_items(b, shifts) for b in stacked]  # each batch's own: its mean loss's item count
+            sums.set_segments(len(stacked), _rows(batch))
+            backward(batch, sum(items))  # the stacked mean loss times all items: every batch's summed loss
+            norms = sums.batch_norms().double().reshape(len(stacked), -1)  # (batches, K)
+            counts = torch.stack([torch.as_tensor(i, dtype=torch.float64, device=device) for i in items])
+            totals += (norms / (counts.reshape(-1, 1) * loss_scale)).sum(0)
+            measured += len(stacked)
+            bar.update(len(stacked))
+        for _ in range(num_steps if group == 1 else 0):
             sums.zero_()
             examples.zero_()
             got = 0
             for batch in iterator:
                 batch = send_to_device(batch, device, non_blocking=True)
                 n = loss_items(batch, shifts)
-                taps.start_micro_batch()
-                with amp, run_eagerly(inner):  # compiled in place: hooks and autograd.grad need eager tensors
-                    loss = loss_fn(inner, batch)
-                taps.end_forward()
-                if not taps.calls:
-                    raise ValueError("calibration: no LoRA layer ran in the forward pass; check target_modules")
-                if taps.frozen:
-                    raise ValueError(
-                        f"calibration: the output of LoRA layer '{targets[taps.frozen[0]].name}' does not require "
-                        "grad; the LoRA parameters must be trainable (requires_grad=True)"
-                    )
-                # The taps' hooks add every call's Gᵀ X as the backward pass reaches it; the result is one scalar.
-                torch.autograd.grad(loss.float() * (n * loss_scale), taps.probe, allow_unused=True)
-                del loss
-                sums.end_micro_batch()
+                backward(batch, n)
                 examples += n
                 got += 1
                 if got == gradient_accumulation_steps:

@@ -1,4 +1,4 @@
-"""``IWSettings``: the five IW-LoRA hyperparameters, their defaults and their validation, in one place.
+"""``IWSettings``: the IW-LoRA hyperparameters, their defaults and their validation, in one place.
 
     L_total = L_task + α · Σ_k (1 − w_k)^β · ‖Δ_k‖_F²,   w_k from s_k = mean_b ‖∂L/∂W_k‖_F over N batches
 
@@ -34,6 +34,10 @@ class IWSettings:
         calibration (`str`, defaults to `"separate"`): `"separate"` (a forward/backward pass over N batches before step
             0, no optimizer step) or `"online"` (measured inside the first N training steps from their own backward
             passes — no extra forward pass; the penalty starts at step N, when the importance is known).
+        calib_group (`int`, defaults to `1`): separate calibration only: up to this many same-shaped batches stacked
+            into one forward/backward pass, each batch's gradient still taken apart, so the sensitivities are the
+            same up to float rounding in fewer, larger passes (× the activation memory); one process, no gradient
+            accumulation, and no LoRA layer run on a tensor shared across the batch (DeBERTa's relative positions).
     """
 
     alpha: float = 1e-4
@@ -42,6 +46,7 @@ class IWSettings:
     normalize: str = "sum"
     penalty: str = "delta"
     calibration: str = "separate"
+    calib_group: int = 1
 
     def __post_init__(self) -> None:
         if not _is_real(self.alpha) or self.alpha < 0:
@@ -56,6 +61,8 @@ class IWSettings:
             raise ValueError(f"iw_penalty must be one of {PENALTY_FORMS}, got {self.penalty!r}")
         if self.calibration not in CALIBRATIONS:
             raise ValueError(f"iw_calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
+        if not isinstance(self.calib_group, int) or isinstance(self.calib_group, bool) or self.calib_group < 1:
+            raise ValueError(f"iw_calib_group must be an integer >= 1, got {self.calib_group!r}")
 
     @property
     def active(self) -> bool:

@@ -41,6 +41,12 @@ class IWFields:
             `"separate"`: the sensitivities come from a forward/backward pass over N batches before step 0 (no
             optimizer step). `"online"`: from the backward passes of the first N training steps themselves (no extra
             pass; the base-weight gradient `Σ G_cᵀ X_c` is accumulated in hooks), the penalty switching on at step N.
+        iw_calib_group (`int`, *optional*, defaults to `1`):
+            Separate calibration: up to this many batches of the same shape stacked into one forward/backward pass,
+            each batch's gradient `Σ G_cᵀ X_c` still taken apart (one batched matmul), so `s_k` is the same up to
+            float rounding in up to this many times fewer passes, at this many times the calibration's activation
+            memory. Pad to a few lengths (`pad_to_multiple_of`) so batches share shapes. One process, no gradient
+            accumulation, and no LoRA layer run on a tensor shared by the batch (DeBERTa's relative positions).
     """
 
     iw_alpha: float = field(
@@ -72,6 +78,14 @@ class IWFields:
             "help": "Where the sensitivities come from: 'separate' (a pass over N batches before step 0) or 'online' "
             "(the first N training steps' own backward passes; the penalty starts at step N).",
             "choices": CALIBRATIONS,
+        },
+    )
+    iw_calib_group: int = field(
+        default=IWSettings.calib_group,
+        metadata={
+            "help": "Separate calibration: stack up to this many same-shaped batches into one forward/backward pass "
+            "(each batch's gradient still taken apart: same s_k up to rounding, fewer passes, × activation memory; "
+            "one process, no gradient accumulation)."
         },
     )
 

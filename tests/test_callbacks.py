@@ -31,6 +31,20 @@ def test_record_says_how_many_batches_were_measured(tmp_path):
     assert trainer.iw_callback.record["calibration_batches"] == 4
 
 
+def test_stacked_calibration_gives_the_same_record(tmp_path):
+    """iw_calib_group=3 through the Trainer: the same sensitivities from the same 6 batches (the data stream is
+    untouched either way: same final weights), recorded with the setting that produced them."""
+    runs = {g: train(tmp_path / f"g{g}", n=48, iw_alpha=1e-2, iw_calib_steps=6, iw_calib_group=g) for g in (1, 3)}
+    one, three = (json.loads((tmp_path / f"g{g}" / IMPORTANCE_FILE).read_text()) for g in (1, 3))
+    assert three["settings"]["iw_calib_group"] == 3 and three["calibration_batches"] == 6
+    assert three["modules"].keys() == one["modules"].keys()
+    for name, module in one["modules"].items():
+        assert three["modules"][name]["sensitivity"] == pytest.approx(module["sensitivity"], rel=1e-5), name
+    weights = [{k: v for k, v in t.model.named_parameters() if v.requires_grad} for t in runs.values()]
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-4, atol=1e-6)
+
+
 def test_uniform_measures_nothing_and_weights_every_matrix_equally(tmp_path, monkeypatch):
     import iwtrainer.callbacks as callbacks
 

@@ -285,3 +285,62 @@ def test_taps_leave_the_forward_pass_bit_identical():
     zeros = torch.tensor([-0.0, 0.0, 1.5])
     assert torch.equal(zeros + taps.probe.detach(), zeros)
     assert (zeros + taps.probe.detach()).signbit().tolist() == [True, False, False]
+
+
+# -- stacked batches (iw_calib_group): one pass for several batches, each batch's gradient taken apart ---------------
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+@pytest.mark.parametrize("group, steps", [(3, 6), (2, 5), (8, 6)])  # full stacks; a partial last one; one stack
+def test_stacked_batches_match_autograd_per_batch(kind, group, steps):
+    model = tiny_lora(kind, init_lora_weights=False)
+    data = batches(RandomClassification(n=48, seed=5), 8)
+    got = compute_sensitivities(model, data, num_steps=steps, group=group, show_progress=False)
+    want = reference_sensitivities(model, data[:steps])
+    assert got.batches == steps and list(got) == list(want)
+    for name in want:
+        assert got[name] == pytest.approx(want[name], rel=1e-5), name
+
+
+def test_stacks_only_batches_of_one_shape(monkeypatch):
+    """Batches of two lengths, interleaved: each stack holds one shape; the mean still covers every batch."""
+    model = tiny_lora("bert", init_lora_weights=False)
+    short, long = batches(RandomClassification(n=24, seq=8, seed=6), 8), batches(RandomClassification(n=24, seed=7), 8)
+    data = [b for pair in zip(short, long) for b in pair]  # 6 batches: 8, 12, 8, 12, 8, 12 tokens
+    stacks = []
+    set_segments = sensitivity.WeightGradNorms.set_segments
+    monkeypatch.setattr(
+        sensitivity.WeightGradNorms,
+        "set_segments",
+        lambda self, segments, rows: (stacks.append((segments, rows)), set_segments(self, segments, rows))[1],
+    )
+    got = compute_sensitivities(model, data, num_steps=6, group=2, show_progress=False)
+    assert stacks == [(2, 16), (2, 16), (1, 8), (1, 8)]  # two full stacks of a shape each, then the leftovers
+    want = reference_sensitivities(model, data)
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_stacked_causal_lm_weighs_each_batch_by_its_label_tokens():
+    """Token-level loss: the batches (same width) hold different numbers of label tokens; each batch's mean stays
+    its own when stacked (the stacked mean over all tokens times their count is every batch's sum)."""
+    from tiny import causal_autograd_sensitivities, causal_batch, causal_rows, tiny_causal_lora
+
+    model = tiny_causal_lora("llama", init_lora_weights=False)
+    rows = causal_rows(24, seed=8, min_len=10, max_len=10)
+    data = [causal_batch(rows, list(range(i, i + 4))) for i in range(0, 24, 4)]
+    counts = {int((b["labels"][:, 1:] != -100).sum()) for b in data}
+    assert len(counts) > 1  # the weighting is exercised
+    got = compute_sensitivities(model, data, num_steps=6, group=3, show_progress=False)
+    want = causal_autograd_sensitivities(model, [[b] for b in data])
+    for name in want:
+        assert got[name] == pytest.approx(want[name], rel=1e-5), name
+
+
+def test_stacking_refuses_what_it_cannot_split():
+    data = batches(RandomClassification(n=32, seed=9), 8)
+    with pytest.raises(ValueError) as info:  # DeBERTa's query/key projections also run on the relative positions
+        compute_sensitivities(tiny_lora("deberta"), data, num_steps=4, group=2, show_progress=False)
+    message = str(info.value)
+    assert "\n" not in message and "not split by example" in message and "use iw_calib_group=1" in message
+    with pytest.raises(ValueError, match="needs one process and gradient_accumulation_steps=1"):
+        compute_sensitivities(
+            tiny_lora("bert"), data, num_steps=2, gradient_accumulation_steps=2, group=2, show_progress=False
+        )

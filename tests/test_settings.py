@@ -14,7 +14,7 @@ import iwtrainer
 from iwtrainer import IWSettings, IWTrainingArguments, SensitivityCallback
 
 DEFAULTS = {"alpha": 1e-4, "beta": 1.0, "calib_steps": 150, "normalize": "sum", "penalty": "delta",
-            "calibration": "separate"}  # fmt: skip
+            "calibration": "separate", "calib_group": 1}  # fmt: skip
 
 
 def iw_args(tmp_path, **kw) -> IWTrainingArguments:
@@ -54,6 +54,8 @@ INVALID = [
     ("normalize", "mean", "iw_normalize must be one of ("),
     ("penalty", "l1", "iw_penalty must be one of ('delta', 'factors'), got 'l1'"),
     ("calibration", "warmup", "iw_calibration must be one of ('separate', 'online'), got 'warmup'"),
+    ("calib_group", 0, "iw_calib_group must be an integer >= 1, got 0"),
+    ("calib_group", 2.0, "iw_calib_group must be an integer >= 1, got 2.0"),
 ]
 
 
