@@ -63,6 +63,11 @@ class IWSettings:
             raise ValueError(f"iw_calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
         if not isinstance(self.calib_group, int) or isinstance(self.calib_group, bool) or self.calib_group < 1:
             raise ValueError(f"iw_calib_group must be an integer >= 1, got {self.calib_group!r}")
+        if self.calib_group > 1 and self.calibration != "separate":
+            raise ValueError(
+                f"iw_calib_group={self.calib_group} stacks the batches of the separate calibration pass; "
+                f"iw_calibration={self.calibration!r} has none: leave iw_calib_group at 1"
+            )
 
     @property
     def active(self) -> bool:

@@ -105,3 +105,9 @@ def test_training_arguments_view_reads_trial_values_anew(tmp_path):
     args.iw_calib_steps = 0
     with pytest.raises(ValueError, match="iw_calib_steps must be an integer >= 1, got 0"):
         args.iw_settings  # noqa: B018
+
+
+def test_calib_group_belongs_to_the_separate_pass():
+    with pytest.raises(ValueError, match="iw_calibration='online' has none: leave iw_calib_group at 1"):
+        IWSettings(calibration="online", calib_group=4)
+    assert IWSettings(calibration="online").calib_group == 1 and IWSettings(calib_group=4).calib_group == 4
