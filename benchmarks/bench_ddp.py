@@ -14,14 +14,18 @@ whole ``train()`` (what run_glue reports, calibration and compile included), of 
 taken out) and *steady* (from the 2nd to the last logged step, timed by the arrival of rank 0's log lines: compile
 warm-up and calibration left out; needs at least 3 logged steps). ``--torch_compile MODE[,MODE...]`` runs every pair
 and method once per mode (``none`` = eager; else the Trainer's ``--torch_compile true --torch_compile_mode MODE`` in
-both runs). Runs are sequential, so timings never overlap.
+both runs). Runs are sequential, so timings never overlap. ``--variants plain,nosync`` runs every pair, mode and
+method twice, side by side: as it is and with the sync-free recipe ``SYNC_FREE_FLAGS`` (``--logging_nan_inf_filter
+false --accelerator_config '{"non_blocking": true}'`` appended to run_glue_iw's command line: no host read of each
+step's loss, batches copied to the GPU without a stream synchronise; bench_run's ``+nosync``), and adds a table of
+nosync ÷ plain samples/s for the 1- and the N-process run; ``--variants nosync`` runs the recipe alone.
 
 Run order and repeats: by default each method's 1-process run is followed by its N-process run, method after method
 (``--methods lora,iw`` puts LoRA first). ``--repeats R`` launches every run R times; ``--order alternate`` makes
-each repeat one round of every method × process count, the round's order reversed every other round (R = 2 with
-``--methods lora,iw``: lora 1, lora N, iw 1, iw N, then iw N, iw 1, lora N, lora 1), so that a slow first run on a
-fresh machine and a real per-method cost can be told apart: each rate in the tables is then the median over the
-repeats, and a last table lists every run in launch order with its steady ms/step and calibration ms/batch.
+each repeat one round of every method (× variant) × process count, the round's order reversed every other round
+(R = 2 with ``--methods lora,iw``: lora 1, lora N, iw 1, iw N, then iw N, iw 1, lora N, lora 1), so that a slow first
+run on a fresh machine and a real per-method cost can be told apart: each rate in the tables is then the median over
+the repeats, and a last table lists every run in launch order with its steady ms/step and calibration ms/batch.
 
     python benchmarks/bench_ddp.py --model MINILM_DIR --glue_dir GLUE_DIR --nproc 2 --out benchmarks/results/ddp
     python benchmarks/bench_ddp.py ... --deberta_shapes --calib_steps 50 --pairs bf16:32:150,bf16:128:60 \\
@@ -30,6 +34,8 @@ repeats, and a last table lists every run in launch order with its steady ms/ste
         --calib_steps 50 --logging_steps 20 --out benchmarks/results/ddp_per_device
     python benchmarks/bench_ddp.py ... --pairs bf16:32:300:per_device --methods lora,iw --repeats 2 \\
         --order alternate --calib_steps 50 --logging_steps 20 --out benchmarks/results/ddp_per_device_order
+    python benchmarks/bench_ddp.py ... --pairs bf16:32:300:per_device --methods lora --torch_compile reduce-overhead \\
+        --variants plain,nosync --calib_steps 50 --logging_steps 20 --out benchmarks/results/ddp_per_device_nosync
     python benchmarks/bench_ddp.py ... --cpu --pairs fp32:8:6:nodrop --max_train_samples 256   # CPU smoke test
 
 Pairs are ``PRECISION:BATCH:STEPS[:nodrop][:per_device]`` (tags in any order): fp32 shows the equivalence without
@@ -72,6 +78,14 @@ METHODS = {"iw": "IW-LoRA", "lora": "LoRA"}
 """``--methods`` values and their names in the markdown: ``lora`` is the same run with ``--iw_alpha 0``."""
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """``--torch_compile`` values: ``none`` = eager, the others torch.compile's modes."""
+SYNC_FREE_FLAGS = ("--logging_nan_inf_filter", "false", "--accelerator_config", '{"non_blocking": true}')
+"""The sync-free recipe, the one place that defines it (bench_run's ``+nosync`` configurations reuse it): the Trainer
+then neither reads each step's loss on the host (its NaN/inf filter: ``torch.isnan(tr_loss_step)``, a host sync per
+step) nor copies each batch to the GPU with ``non_blocking=False`` (accelerate's default: a stream synchronise per
+step; non-blocking needs the pinned batches of ``--dataloader_pin_memory true``, the Trainer's default on GPUs).
+A non-finite loss still stops the run: iwtrainer's DivergenceGuard checks on the device."""
+VARIANTS = {"plain": (), "nosync": SYNC_FREE_FLAGS}
+"""``--variants`` values: the extra run_glue_iw flags of each (``plain``: none; ``nosync``: the sync-free recipe)."""
 ORDERS = ("grouped", "alternate")
 """``--order`` values: ``grouped`` runs each method's 1- then N-process run (all repeats) before the next method;
 ``alternate`` runs one round of every method × process count per repeat, reversing the round every other repeat."""
@@ -100,7 +114,8 @@ class Pair:
 
 @dataclass(frozen=True)
 class Run:
-    """One run of run_glue_iw.py: a pair's configuration on ``nproc`` processes, for ``method`` in ``compile_mode``."""
+    """One run of run_glue_iw.py: a pair's configuration on ``nproc`` processes, for ``method`` in ``compile_mode``,
+    with ``variant``'s extra flags (``VARIANTS``)."""
 
     nproc: int
     pair: Pair
@@ -108,6 +123,7 @@ class Run:
     compile_mode: str
     out: Path
     repeat: int = 0
+    variant: str = "plain"
 
 
 def parse_pairs(text: str, nproc: int) -> list[Pair]:
@@ -142,31 +158,44 @@ def parse_choices(text: str, allowed: tuple[str, ...] | list[str]) -> list[str]:
 
 
 def schedule(
-    pairs: int, modes: list[str], methods: list[str], nproc: int, repeats: int = 1, order: str = "grouped"
-) -> list[tuple[int, str, str, int, int]]:
-    """Every run as ``(pair index, compile mode, method, processes, repeat)`` for ``pairs`` pairs, in launch order
-    (see ``--order``): pairs and modes in turn, and within each the methods' runs grouped or alternating."""
+    pairs: int,
+    modes: list[str],
+    methods: list[str],
+    nproc: int,
+    repeats: int = 1,
+    order: str = "grouped",
+    variants: list[str] | tuple[str, ...] = ("plain",),
+) -> list[tuple[int, str, str, str, int, int]]:
+    """Every run as ``(pair index, compile mode, method, variant, processes, repeat)`` for ``pairs`` pairs, in launch
+    order (see ``--order``): pairs and modes in turn, and within each the methods' runs (each method's variants side
+    by side) grouped or alternating."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {'|'.join(ORDERS)}, got {order!r}")
     runs = []
     for pair in range(pairs):
         for mode in modes:
             if order == "grouped":
-                runs += [(pair, mode, m, n, r) for m in methods for r in range(repeats) for n in (1, nproc)]
+                arms = [(m, v) for m in methods for v in variants]
+                runs += [(pair, mode, m, v, n, r) for m, v in arms for r in range(repeats) for n in (1, nproc)]
                 continue
             for r in range(repeats):
-                round_ = [(pair, mode, m, n, r) for m in methods for n in (1, nproc)]
+                round_ = [(pair, mode, m, v, n, r) for m in methods for v in variants for n in (1, nproc)]
                 runs += round_[::-1] if r % 2 else round_
     return runs
 
 
-def run_name(pair: Pair, mode: str, method: str, nproc: int, repeat: int, repeats: int) -> str:
+def run_name(pair: Pair, mode: str, method: str, nproc: int, repeat: int, repeats: int, variant: str = "plain") -> str:
     """The run's folder and log name: the original names for the original runs (eager IW-LoRA at a global batch),
-    ``_rK`` (1-based) added only when there are several repeats."""
+    ``_VARIANT`` added for a variant other than plain, ``_rK`` (1-based) only when there are several repeats."""
     name = f"{pair.precision}_b{pair.batch}_n{nproc}" + ("_nodrop" if pair.nodrop else "")
     name += ("_per_device" if pair.per_device else "") + ("" if method == "iw" else f"_{method}")
-    name += "" if mode == "none" else f"_compile_{mode}"
+    name += ("" if mode == "none" else f"_compile_{mode}") + ("" if variant == "plain" else f"_{variant}")
     return name + (f"_r{repeat + 1}" if repeats > 1 else "")
+
+
+def method_label(method: str, variant: str = "plain") -> str:
+    """A method's name in the markdown, ``+ VARIANT`` added for a variant other than plain (``LoRA + nosync``)."""
+    return METHODS[method] + ("" if variant == "plain" else f" + {variant}")
 
 
 def median(values: list[float | None]) -> float | None:
@@ -194,6 +223,7 @@ def sequence_row(run: dict, name: str) -> dict:
         "position": run["position"],
         "name": name,
         "method": run["method"],
+        "variant": run.get("variant", "plain"),
         "torch_compile": run["torch_compile"],
         "nproc": run["nproc"],
         "repeat": run["repeat"],
@@ -207,36 +237,67 @@ def complete_pairs(
     pairs: list[Pair],
     modes: list[str],
     methods: list[str],
-    runs: dict[tuple[int, str, str], dict[int, list[dict]]],
+    runs: dict[tuple[int, str, str, str], dict[int, list[dict]]],
     nproc: int,
     repeats: int,
+    variants: list[str] | tuple[str, ...] = ("plain",),
 ) -> list[dict]:
-    """The report's entry of every pair × mode × method whose runs (1 and ``nproc`` processes, every repeat) are all
-    done, in that order whatever the launch order; with repeats, each run of every repeat under ``runs``."""
+    """The report's entry of every pair × mode × method × variant whose runs (1 and ``nproc`` processes, every
+    repeat) are all done, in that order whatever the launch order; with repeats, each run of every repeat under
+    ``runs`` (keyed by pair index, mode, method, variant)."""
     entries = []
     for index, pair in enumerate(pairs):
         for mode in modes:
             for method in methods:
-                done = runs.get((index, mode, method), {})
-                if any(len(done.get(n, [])) < repeats for n in (1, nproc)):
-                    continue
-                by_repeat = {n: sorted(done[n], key=lambda r: r["repeat"]) for n in (1, nproc)}
-                entry = {
-                    "method": method,
-                    "torch_compile": mode,
-                    "batch_mode": "per_device" if pair.per_device else "global",
-                    "precision": pair.precision,
-                    "dropout": not pair.nodrop,
-                    ("per_device_batch" if pair.per_device else "global_batch"): pair.batch,
-                    "steps": pair.steps,
-                    "one": summary(by_repeat[1]),
-                    "many": summary(by_repeat[nproc]),
-                }
-                if repeats > 1:
-                    entry["runs"] = {str(n): rs for n, rs in by_repeat.items()}
-                entry["compare"] = compare(entry["one"], entry["many"])
-                entries.append(entry)
+                for variant in variants:
+                    done = runs.get((index, mode, method, variant), {})
+                    if any(len(done.get(n, [])) < repeats for n in (1, nproc)):
+                        continue
+                    by_repeat = {n: sorted(done[n], key=lambda r: r["repeat"]) for n in (1, nproc)}
+                    entry = {
+                        "method": method,
+                        "variant": variant,
+                        "torch_compile": mode,
+                        "batch_mode": "per_device" if pair.per_device else "global",
+                        "precision": pair.precision,
+                        "dropout": not pair.nodrop,
+                        ("per_device_batch" if pair.per_device else "global_batch"): pair.batch,
+                        "steps": pair.steps,
+                        "one": summary(by_repeat[1]),
+                        "many": summary(by_repeat[nproc]),
+                    }
+                    if repeats > 1:
+                        entry["runs"] = {str(n): rs for n, rs in by_repeat.items()}
+                    entry["compare"] = compare(entry["one"], entry["many"])
+                    entries.append(entry)
     return entries
+
+
+SETUP = ("torch_compile", "batch_mode", "precision", "dropout", "per_device_batch", "global_batch", "steps")
+"""The fields of a report entry that, with its method, say which runs it compares (its variant aside)."""
+
+
+def variant_ratios(entries: list[dict]) -> list[dict]:
+    """Each entry of a variant other than plain against the plain entry of the same pair, mode and method (when the
+    invocation has it): the variant's samples/s over plain's, for 1 and for N processes (steady, steps, train()),
+    and the N ÷ 1 steady speedup of each."""
+    out = []
+    for e in entries:
+        if e.get("variant", "plain") == "plain":
+            continue
+        setup = {k: e.get(k) for k in ("method", *SETUP)}
+        same = [p for p in entries if all(p.get(k) == v for k, v in setup.items())]
+        plain = next((p for p in same if p.get("variant", "plain") == "plain"), None)
+        if plain is None:
+            continue
+        row = {**{k: v for k, v in setup.items() if v is not None}, "variant": e["variant"]}
+        for side in ("one", "many"):
+            for key in RATES:
+                row[f"{side}_{key}"] = [plain[side][key], e[side][key]]
+                row[f"{side}_{key}_ratio"] = ratio(e[side][key], plain[side][key])
+        row["speedup_steady"] = [plain["compare"]["speedup_steady"], e["compare"]["speedup_steady"]]
+        out.append(row)
+    return out
 
 
 def deberta_shapes_model(tokenizer_from: str, folder: Path) -> str:
@@ -316,6 +377,7 @@ def build_command(args: argparse.Namespace, model: str, run: Run, port: int) -> 
         cmd += ["--max_eval_samples", str(args.max_eval_samples)]
     if args.cpu:  # (transformers refuses --ddp_backend in a single process that no launcher set up)
         cmd += ["--use_cpu", "true"] + (["--ddp_backend", "gloo"] if nproc > 1 else [])
+    cmd += VARIANTS[run.variant]  # nosync: the sync-free recipe
     # Unbuffered: the arrival time of each log line times the steady steps (see launch).
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)}
     env["PYTHONUNBUFFERED"] = "1"
@@ -393,6 +455,7 @@ def launch(args: argparse.Namespace, model: str, run: Run) -> dict:
         "per_device_batch": pair.per_device_batch(nproc),
         "global_batch": global_batch,
         "method": method,
+        "variant": run.variant,
         "torch_compile": compile_mode,
         "process_wall_s": wall,
         "train_runtime_s": results["train_runtime"],
@@ -449,7 +512,8 @@ def rate(one: dict, many: dict, key: str) -> str:
 def markdown(report: dict) -> str:
     n = report["nproc"]
     methods, modes = report.get("methods", ["iw"]), report.get("torch_compile", ["none"])
-    extended = methods != ["iw"] or modes != ["none"]  # else the original table, unchanged
+    variants = report.get("variants", ["plain"])
+    extended = methods != ["iw"] or modes != ["none"] or variants != ["plain"]  # else the original table, unchanged
     batch_modes = report.get("batch_modes", ["global"])
     same = " or ".join({"global": "same global batch", "per_device": "same per-device batch"}[m] for m in batch_modes)
     intro = (
@@ -472,14 +536,27 @@ def markdown(report: dict) -> str:
             " Steady: samples/s from the 2nd to the last logged step (arrival times of rank 0's log lines: compile "
             "warm-up and calibration left out)."
         )
+    if variants != ["plain"]:
+        recipe = f"`{shlex.join(report.get('sync_free_flags', SYNC_FREE_FLAGS))}`"
+        intro += (
+            f" Every run with the sync-free recipe {recipe}"
+            if variants == ["nosync"]
+            else f" `+ nosync` rows: the same runs with the sync-free recipe {recipe}"
+        ) + (
+            " appended to run_glue_iw's command line (no host read of each step's loss for the NaN/inf filter, "
+            "batches copied to the GPU without a stream synchronise)."
+        )
     repeats = report.get("repeats", 1)
     if repeats > 1:
         intro += (
             f" Every run {repeats}× ({report.get('order', 'grouped')} order, see the last table): each samples/s is "
             "the median over the repeats, the losses, sensitivities and dev metric are the first repeat's."
         )
-    lines = [f"# {' / '.join(METHODS[m] for m in methods)}: 1 vs {n} processes, {same} ({report['device']})", ""]
-    lines += [intro, ""]
+    recipe = ""
+    if "nosync" in variants:
+        recipe = ", plain vs sync-free recipe" if "plain" in variants else ", sync-free recipe"
+    lines = [f"# {' / '.join(METHODS[m] for m in methods)}: 1 vs {n} processes, {same}{recipe} ({report['device']})"]
+    lines += ["", intro, ""]
     key = objective_metric(report["task"])
     global_pairs = [p for p in report["pairs"] if p.get("batch_mode", "global") == "global"]
     if global_pairs:
@@ -493,7 +570,7 @@ def markdown(report: dict) -> str:
         ]
     for p in global_pairs:
         c, one, many = p["compare"], p["one"], p["many"]
-        head = f"| {METHODS[p['method']]} | {p['torch_compile']} " if extended else ""
+        head = f"| {method_label(p['method'], p.get('variant', 'plain'))} | {p['torch_compile']} " if extended else ""
         tail = f" {rate(one, many, 'steady_samples_per_s')} | {fmt(c['speedup_steady'], '.2f')}× |" if extended else ""
         lines.append(
             f"{head}| {p['precision']} | {'on' if p['dropout'] else 'off'} | {p['global_batch']} | "
@@ -524,7 +601,7 @@ def markdown(report: dict) -> str:
     for p in per_device:
         c, one, many = p["compare"], p["one"], p["many"]
         lines.append(
-            f"| {METHODS[p['method']]} | {p['torch_compile']} | {p['precision']} | "
+            f"| {method_label(p['method'], p.get('variant', 'plain'))} | {p['torch_compile']} | {p['precision']} | "
             f"{'on' if p['dropout'] else 'off'} | {p['per_device_batch']} | "
             f"{one['global_batch']} → {many['global_batch']} | {p['steps']} | "
             f"{rate(one, many, 'samples_per_s')} | {fmt(c['speedup_train'], '.2f')}× | "
@@ -533,6 +610,31 @@ def markdown(report: dict) -> str:
             f"{fmt(c['sensitivity_spearman'], '.4f')} | "
             f"{fmt(one['eval'].get(key), '.4f')} / {fmt(many['eval'].get(key), '.4f')} |"
         )
+    if report.get("variant_ratios"):
+        lines += [
+            "",
+            "## Sync-free recipe ÷ plain, measured in this invocation",
+            "",
+            "Each `+ nosync` run against the plain run of the same pair, compile mode and method: samples/s plain → "
+            "nosync and nosync ÷ plain (above 1: the recipe is faster), for the 1-process and the N-process run; "
+            "N ÷ 1: the steady speedup of each.",
+            "",
+            "| method | compile | precision | batch | steps | steady samples/s 1 proc. | nosync ÷ plain 1 | "
+            f"steady samples/s {n} proc. | nosync ÷ plain {n} | train() nosync ÷ plain 1 / {n} | "
+            "N ÷ 1 steady plain / nosync |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for v in report["variant_ratios"]:
+            batch = f"{v['per_device_batch']} per device" if "per_device_batch" in v else f"{v['global_batch']} global"
+            lines.append(
+                f"| {method_label(v['method'], v['variant'])} | {v['torch_compile']} | {v['precision']} | {batch} | "
+                f"{v['steps']} | {' → '.join(fmt(x, '.0f') for x in v['one_steady_samples_per_s'])} | "
+                f"{fmt(v['one_steady_samples_per_s_ratio'], '.3f')} | "
+                f"{' → '.join(fmt(x, '.0f') for x in v['many_steady_samples_per_s'])} | "
+                f"{fmt(v['many_steady_samples_per_s_ratio'], '.3f')} | {fmt(v['one_samples_per_s_ratio'], '.3f')} / "
+                f"{fmt(v['many_samples_per_s_ratio'], '.3f')} | "
+                f"{' / '.join(fmt(x, '.2f') + ('×' if x is not None else '') for x in v['speedup_steady'])} |"
+            )
     if report.get("sequence"):
         lines += [
             "",
@@ -547,7 +649,8 @@ def markdown(report: dict) -> str:
         ]
         for row in report["sequence"]:
             lines.append(
-                f"| {row['position']} | {row['name']} | {METHODS[row['method']]} | {row['torch_compile']} | "
+                f"| {row['position']} | {row['name']} | {method_label(row['method'], row.get('variant', 'plain'))} | "
+                f"{row['torch_compile']} | "
                 f"{row['nproc']} | {row['repeat'] + 1} | {fmt(row['steady_samples_per_s'], '.0f')} | "
                 f"{fmt(row['steady_ms_per_step'], '.1f')} | {fmt(row['calib_ms_per_batch'], '.1f')} |"
             )
@@ -602,6 +705,13 @@ def parser() -> argparse.ArgumentParser:
         help=f"comma list of {'|'.join(COMPILE_MODES)} (none = eager; bare --torch_compile = default): each pair and "
         "method runs once per mode, compiled by the Trainer in the 1- and the N-process run",
     )
+    p.add_argument(
+        "--variants",
+        default="plain",
+        help="comma list of plain | nosync (run_glue_iw with the sync-free recipe "
+        f"{shlex.join(SYNC_FREE_FLAGS)}): each pair, mode and method runs once per variant, side by side "
+        "(plain,nosync: a table of nosync ÷ plain)",
+    )
     p.add_argument("--repeats", type=int, default=1, help="launch every run this many times (tables: median rates)")
     p.add_argument(
         "--order",
@@ -633,6 +743,10 @@ def main(argv: list[str] | None = None) -> dict:
         modes = parse_choices(args.torch_compile, COMPILE_MODES)
     except ValueError as e:
         p.error(f"--torch_compile: {e}")
+    try:
+        variants = parse_choices(args.variants, list(VARIANTS))
+    except ValueError as e:
+        p.error(f"--variants: {e}")
     import torch
 
     if args.deberta_shapes:
@@ -647,16 +761,20 @@ def main(argv: list[str] | None = None) -> dict:
         m for m in ("global", "per_device") if any(p.per_device == (m != "global") for p in pairs)
     ]
     report["command"] = shlex.join(["python", "benchmarks/bench_ddp.py", *(sys.argv[1:] if argv is None else argv)])
+    report["variants"] = variants
+    if "nosync" in variants:
+        report["sync_free_flags"] = list(SYNC_FREE_FLAGS)
     report.update(repeats=args.repeats, order=args.order, pairs=[], sequence=[])
-    runs: dict[tuple[int, str, str], dict[int, list[dict]]] = {}  # (pair, mode, method) -> processes -> runs
+    runs: dict[tuple[int, str, str, str], dict[int, list[dict]]] = {}  # (pair, mode, method, variant) -> N -> runs
     out = Path(args.out)
-    for position, (index, mode, method, nproc, repeat) in enumerate(
-        schedule(len(pairs), modes, methods, args.nproc, args.repeats, args.order), 1
+    for position, (index, mode, method, variant, nproc, repeat) in enumerate(
+        schedule(len(pairs), modes, methods, args.nproc, args.repeats, args.order, variants), 1
     ):
         pair = pairs[index]
         model = no_dropout_model(args.model, Path(args.runs_dir) / "model_nodrop") if pair.nodrop else args.model
-        name = run_name(pair, mode, method, nproc, repeat, args.repeats)
-        r = launch(args, model, Run(nproc, pair, method, mode, Path(args.runs_dir) / name, repeat))
+        name = run_name(pair, mode, method, nproc, repeat, args.repeats, variant)
+        run = Run(nproc, pair, method, mode, Path(args.runs_dir) / name, repeat, variant)
+        r = launch(args, model, run)
         r["position"] = position
         print(
             f"{name}: {r['samples_per_s']:.0f} samples/s (steps {r['step_samples_per_s']:.0f}, steady "
@@ -664,9 +782,10 @@ def main(argv: list[str] | None = None) -> dict:
             flush=True,
         )
         report["sequence"].append(sequence_row(r, name))
-        runs.setdefault((index, mode, method), {}).setdefault(nproc, []).append(r)
-        report["pairs"] = complete_pairs(pairs, modes, methods, runs, args.nproc, args.repeats)
-        group = runs[(index, mode, method)]
+        runs.setdefault((index, mode, method, variant), {}).setdefault(nproc, []).append(r)
+        report["pairs"] = complete_pairs(pairs, modes, methods, runs, args.nproc, args.repeats, variants)
+        report["variant_ratios"] = variant_ratios(report["pairs"])
+        group = runs[(index, mode, method, variant)]
         if all(len(group.get(n, [])) == args.repeats for n in (1, args.nproc)):  # this run completed its pair
             first = min(group[1], key=lambda x: x["repeat"])["position"]
             print(json.dumps(next(e for e in report["pairs"] if e["one"]["position"] == first)["compare"]), flush=True)

@@ -1,7 +1,7 @@
 """Whole training runs of ``run_glue_iw.py``, eager vs ``torch.compile``: what compiling saves over a run once its
 compile time is paid, and whether the losses stay the same.
 
-Each configuration ``METHOD:MODE[@GPU]`` is one process, ``python run_glue_iw.py`` on one GPU
+Each configuration ``METHOD:MODE[+nosync][@GPU]`` is one process, ``python run_glue_iw.py`` on one GPU
 (``CUDA_VISIBLE_DEVICES=GPU``): METHOD ``lora`` (``--iw_alpha 0``: plain peft LoRA) or ``iw`` (IW-LoRA, ``sum``,
 α=1e-4, ``--calib_steps`` calibration batches), MODE ``none`` (eager) or a ``torch.compile`` mode of the Trainer
 (``--torch_compile true --torch_compile_mode MODE``). Configurations on the same GPU run one after the other, in the
@@ -11,6 +11,18 @@ batch ``--batch``, ``--epochs`` epochs, LoRA r=8, lr 5e-4, bf16), with the paddi
 in all of them, eager included: ``--pad_to_max_length false --pad_to_multiple_of 32 --dataloader_drop_last true``
 (``--max_seq_length 128``: batch lengths 32, 64, 96, 128), so compiling is the only difference. The command lines
 come from ``bench_ddp.build_command`` (the launcher left out: one process).
+
+The variant ``+nosync`` (``lora:reduce-overhead+nosync@1``, run name ``lora_reduce-overhead_nosync``) appends the
+sync-free recipe ``bench_ddp.SYNC_FREE_FLAGS`` to that run's command line: ``--logging_nan_inf_filter false
+--accelerator_config '{"non_blocking": true}'`` (one argument holding the JSON, parsed by the Trainer's own
+``TrainingArguments`` into ``accelerator_config.non_blocking = True``). Without it the Trainer synchronises the host
+with the GPU several times a step, which serialises its host work (optimizer, collation, callbacks) with the GPU's:
+its NaN/inf filter reads each step's loss (``torch.isnan(tr_loss_step) or torch.isinf(tr_loss_step)``) and
+accelerate's prepared dataloader copies each batch with ``non_blocking=False`` (non-blocking copies need pinned
+batches: ``--dataloader_pin_memory true``, the Trainer's default on a GPU). A non-finite loss still stops the run
+(iwtrainer's DivergenceGuard checks on the device). The recipe changes no arithmetic. A ``_nosync`` run is compared
+like any other against the eager run of its method and, when the invocation has it, against the same method and
+mode without the recipe (X ÷ X without variant: steady step, ``train()``; its loss curve).
 
 Per run, from the process's own clock and the arrival times of its log lines on stdout (``--disable_tqdm true``:
 the Trainer prints each log dict, ``{'train_runtime'...}`` when ``train()`` ends):
@@ -62,6 +74,36 @@ LoRA ended by 270 s). ``--deberta_shapes`` trains a random DeBERTa-v3-base-shape
 (``bench_ddp.deberta_shapes_model``: its speed, not its accuracy; slower steps: fewer rows); its compiled step is
 measured by ``bench_step.py --deberta only`` (that file's docstring).
 
+The sync-free recipe against the current one, in one invocation (same machine and staging, ``.gpu/glue`` and
+``.whl`` carried as above; ``reduce-overhead`` only: LoRA without then with the recipe on GPU 0, IW-LoRA with then
+without it on GPU 1):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
+      .whl/*.whl && export PYTHONPATH=/tmp/site && python3 benchmarks/bench_run.py \\
+      --model /tmp/models/all-mpnet-base-v2 --glue_dir .gpu/glue --task sst2 --configs \\
+      lora:reduce-overhead@0,lora:reduce-overhead+nosync@0,iw:reduce-overhead+nosync@1,iw:reduce-overhead@1 \\
+      --max_train_samples 32000 --stop_after 450 --out $OUT/compile_whole_run_nosync
+
+Expected (from ``compile_whole_run.md``: a ``reduce-overhead`` run of 3,000 steps took 210 s wall with ~120 s of
+compiling when its graphs were new, ~112 s when the inductor cache held them, steady 22 ms/step): each GPU's first
+run compiles (both at once, from an empty cache: ~210–250 s with IW-LoRA's ~9 s of calibration), its second finds
+the graphs cached (~100–115 s, less if the recipe shortens the step): ≈ 330–370 s per GPU, ≈ 230 s when the cache
+is already warm; timeout_s 600. The recipe runs second on GPU 0 and first on GPU 1, so the compile share of a
+``train()`` ÷ without-variant ratio leans opposite ways for the two methods; the steady ratios hold no compile.
+
+And 1 vs 2 processes with and without the recipe (``bench_ddp.py --variants plain,nosync``: each run side by side
+with its ``+ nosync`` twin, and a table of nosync ÷ plain; per-device batch 32, 300 steps), one call per method:
+
+    python3 benchmarks/bench_ddp.py --model /tmp/models/all-mpnet-base-v2 --glue_dir .gpu/glue --task sst2 \\
+      --nproc 2 --pairs bf16:32:300:per_device --methods lora --torch_compile reduce-overhead \\
+      --variants plain,nosync --calib_steps 50 --logging_steps 20 --out $OUT/ddp_per_device_nosync_lora
+
+then the same with ``--methods iw --out $OUT/ddp_per_device_nosync_iw``. Expected (from
+``ddp_per_device_reduce_overhead.md``: 124 and 153 s for the first 1- and 2-process runs, compiling, then 57 and
+95 s with the graphs cached): ≈ 430 s for the first call on a fresh machine, ≈ 300 s for the second (the same
+graphs: IW-LoRA's compile hit LoRA's cache there). ``--methods lora,iw`` in one call would take ≈ 730 s, above a
+call's 600 s.
+
 A CPU smoke run of the whole pipeline (MiniLM, a few steps, ``aot_eager``; ``@GPU`` only groups the runs into lanes
 that run at the same time; the numbers mean nothing):
 
@@ -91,7 +133,9 @@ from bench_ddp import METHODS, Pair, Run, fmt, median, ratio  # noqa: E402
 from iwtrainer.glue.tasks import objective_metric  # noqa: E402
 
 SCRIPT = str(ROOT / "run_glue_iw.py")
-CONFIG_FORMAT = "METHOD:MODE[@GPU]"
+CONFIG_FORMAT = "METHOD:MODE[+nosync][@GPU]"
+VARIANT_SUFFIXES = tuple(v for v in bench_ddp.VARIANTS if v != "plain")
+"""The variants a configuration may add after its MODE (``+nosync``: ``bench_ddp.SYNC_FREE_FLAGS``)."""
 DEFAULT_CONFIGS = "lora:none@0,iw:none@0,lora:reduce-overhead@1,iw:reduce-overhead@1"
 TRAIN_END_LINE = "{'train_runtime'"
 """The log dict the Trainer prints when ``train()`` ends (``PrinterCallback``): its arrival marks the end."""
@@ -106,30 +150,47 @@ SLOW_INTERVAL = 1.5
 
 @dataclass(frozen=True)
 class Config:
-    """One ``--configs`` entry: a method, a compile mode (``none`` = eager) and the GPU that runs it."""
+    """One ``--configs`` entry: a method, a compile mode (``none`` = eager), the GPU that runs it and its variant
+    (``plain``, or ``nosync``: the sync-free recipe ``bench_ddp.SYNC_FREE_FLAGS`` appended to its command line)."""
 
     method: str
     mode: str
     gpu: int = 0
+    variant: str = "plain"
 
     @property
     def name(self) -> str:
-        return f"{self.method}_{'eager' if self.mode == 'none' else self.mode}"
+        name = f"{self.method}_{'eager' if self.mode == 'none' else self.mode}"
+        return name + ("" if self.variant == "plain" else f"_{self.variant}")
+
+    @property
+    def without_variant(self) -> str:
+        """The name of the same method and mode without the variant (the plain run it is compared against)."""
+        return Config(self.method, self.mode, self.gpu).name
 
 
 def parse_configs(text: str) -> list[Config]:
     """``--configs``' comma list; a ValueError with one line naming the bad entry and what was expected."""
     configs = []
     for spec in text.split(","):
-        expected = f"expected {CONFIG_FORMAT}, METHOD {'|'.join(METHODS)}, MODE {'|'.join(bench_ddp.COMPILE_MODES)}"
+        expected = (
+            f"expected {CONFIG_FORMAT}, METHOD {'|'.join(METHODS)}, MODE {'|'.join(bench_ddp.COMPILE_MODES)}, "
+            f"+{'|+'.join(VARIANT_SUFFIXES)} optional (the sync-free recipe), GPU a CUDA device number"
+        )
         head, _, gpu = spec.partition("@")
         method, _, mode = head.partition(":")
-        if method not in METHODS or mode not in bench_ddp.COMPILE_MODES or (gpu and not gpu.isdigit()):
+        mode, plus, variant = mode.partition("+")
+        if (
+            method not in METHODS
+            or mode not in bench_ddp.COMPILE_MODES
+            or (plus and variant not in VARIANT_SUFFIXES)
+            or (gpu and not gpu.isdigit())
+        ):
             raise ValueError(f"{spec!r}: {expected}")
-        configs.append(Config(method, mode, int(gpu or 0)))
+        configs.append(Config(method, mode, int(gpu or 0), variant or "plain"))
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
-        raise ValueError(f"{text!r}: each METHOD:MODE at most once")
+        raise ValueError(f"{text!r}: each METHOD:MODE[+nosync] at most once")
     return configs
 
 
@@ -156,7 +217,8 @@ def build_command(args: argparse.Namespace, model: str, config: Config, out: Pat
     """One run's ``python run_glue_iw.py`` command and environment: bench_ddp's 1-process command without the
     launcher, for whole epochs (or ``--max_steps``) with the padding buckets, on ``config.gpu``."""
     pair = Pair(args.precision, args.batch, max(args.max_steps, 1), nodrop=args.nodrop)
-    cmd, env = bench_ddp.build_command(args, model, Run(1, pair, config.method, config.mode, out), 0)
+    run = Run(1, pair, config.method, config.mode, out, variant=config.variant)
+    cmd, env = bench_ddp.build_command(args, model, run, 0)
     cmd = [sys.executable, *cmd[cmd.index(SCRIPT) :]]
     flags = {
         "--max_steps": str(args.max_steps or -1),
@@ -223,6 +285,14 @@ def full_run_estimate(run: dict, full_steps: int) -> dict | None:
     return {"steps": full_steps, "wall_s": run["process_wall_s"] + extra, "train_s": run["train_runtime_s"] + extra}
 
 
+def config_fields(config: Config) -> dict:
+    """A run's record of its configuration (the variant only where it is not plain: reports as before)."""
+    run = {"name": config.name, "method": config.method, "torch_compile": config.mode, "gpu": config.gpu}
+    if config.variant != "plain":
+        run.update(variant=config.variant, without_variant=config.without_variant)
+    return run
+
+
 def launch(args: argparse.Namespace, model: str, config: Config) -> dict:
     """One run: its command, timings, losses, sensitivities and dev metrics (or ``error`` with its output's end)."""
     out = Path(args.runs_dir) / config.name
@@ -231,7 +301,7 @@ def launch(args: argparse.Namespace, model: str, config: Config) -> dict:
     rc, stdout, stderr, wall, times = bench_ddp.run_timed(cmd, env, stamps)
     out.parent.mkdir(parents=True, exist_ok=True)
     (out.parent / f"{out.name}.log").write_text(stdout + stderr)
-    run = {"name": config.name, "method": config.method, "torch_compile": config.mode, "gpu": config.gpu}
+    run = config_fields(config)
     run["command"] = shlex.join(cmd)
     if rc != 0:
         return {**run, "error": f"rc {rc}: {(stderr or stdout)[-2000:]}", "process_wall_s": wall}
@@ -286,8 +356,10 @@ def summarise(report: dict) -> None:
     key = objective_metric(report["task"])
     report["ratios"], report["loss_checks"], report["full_run"] = [], [], []
     for r in done.values():
-        if r["torch_compile"] != "none":
-            same = done.get(f"{r['method']}_eager")
+        variant = r.get("variant", "plain")
+        if r["torch_compile"] != "none" or variant != "plain":
+            same = done.get(f"{r['method']}_eager")  # the eager run of its method, without a variant
+            plain = done.get(r["without_variant"]) if variant != "plain" else None
             report["ratios"].append(
                 {
                     "run": r["name"],
@@ -303,8 +375,18 @@ def summarise(report: dict) -> None:
                     ),
                 }
             )
+            if variant != "plain":
+                report["ratios"][-1].update(
+                    variant=variant,
+                    without_variant=r["without_variant"],
+                    steady_vs_without_variant=ratio(r["steady_ms"], plain and plain["steady_ms"]),
+                    steady_mean_vs_without_variant=ratio(r["steady_mean_ms"], plain and plain["steady_mean_ms"]),
+                    train_vs_without_variant=ratio(r["train_runtime_s"], plain and plain["train_runtime_s"]),
+                )
             if same:
                 report["loss_checks"].append(loss_check(same, r, key))
+            if plain and plain is not same:  # a compiled run with the variant: also against its plain twin
+                report["loss_checks"].append(loss_check(plain, r, key))
         estimate = full_run_estimate(r, report["full_steps"])
         if estimate:
             report["full_run"].append({"run": r["name"], **estimate})
@@ -336,7 +418,8 @@ def markdown(report: dict) -> str:
         "Steady: ms/step over the logging intervals from the 2nd logged step on "
         "(median; mean in brackets), from the arrival times of the log lines. Warm-up above steady: from the end of "
         "calibration to the first logged step, minus those steps at the steady speed (the first compile); later: the "
-        "rest of `train()` above its steps at the steady speed (new shapes' compiles, logging).",
+        "rest of `train()` above its steps at the steady speed (new shapes' compiles, logging)."
+        + variant_note(report),
         "",
         "## Every run",
         "",
@@ -360,23 +443,41 @@ def markdown(report: dict) -> str:
         )
     lines += [f"- skipped (`--stop_after {s['stop_after']}`): {name}" for name in report["skipped"]]
     if report["ratios"]:
+        variants = any("variant" in q for q in report["ratios"])
         lines += [
             "",
-            "## Compiled ÷ eager LoRA, measured in this invocation",
+            "## Compiled ÷ eager LoRA"
+            + (" and each variant ÷ its run without it" if variants else "")
+            + ", measured in this invocation",
             "",
             "Compile above eager: the run's `train()` above its steps at the steady speed, minus the eager run's of "
-            "the same method (calibration left out of both): what compiling cost this run, recompiles included.",
+            "the same method (calibration left out of both): what compiling cost this run, recompiles included."
+            + (
+                " X ÷ X without variant: a `_nosync` run's steady step (median, mean) and `train()` over those of "
+                "the same method and mode without the recipe (below 1: the recipe is faster); `train()` includes "
+                "the compile, which the first run of a fresh inductor cache pays in full and a later run of the "
+                "same graphs mostly finds cached: read the steady ratios."
+                if variants
+                else ""
+            ),
             "",
             "| run | process wall | train() | steady step (median) | steady step (mean) | steady ÷ eager same method "
-            "| compile above eager s |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| compile above eager s |"
+            + (" without variant | steady ÷ without (median) | (mean) | train() ÷ without |" if variants else ""),
+            "|---|---:|---:|---:|---:|---:|---:|" + ("---|---:|---:|---:|" if variants else ""),
         ]
         for q in report["ratios"]:
-            lines.append(
+            row = (
                 f"| {q['run']} | {fmt(q['wall_vs_eager_lora'], '.3f')} | {fmt(q['train_vs_eager_lora'], '.3f')} | "
                 f"{fmt(q['steady_vs_eager_lora'], '.3f')} | {fmt(q['steady_mean_vs_eager_lora'], '.3f')} | "
                 f"{fmt(q['steady_vs_eager_same_method'], '.3f')} | {fmt(q['compile_above_eager_s'], '.1f')} |"
             )
+            if "variant" in q:
+                without = [q[f"{k}_vs_without_variant"] for k in ("steady", "steady_mean", "train")]
+                row += f" {q['without_variant']} | " + " | ".join(fmt(v, ".3f") for v in without) + " |"
+            elif variants:
+                row += " — | — | — | — |"
+            lines.append(row)
     if report["full_run"]:
         lines += [
             "",
@@ -403,7 +504,13 @@ def markdown(report: dict) -> str:
             "Each compiled run against the eager run of its method (same seed, same batches); the last row, eager "
             "IW-LoRA against eager LoRA, is the reference: two runs α=1e-4 apart. Logged training loss at each logged "
             "step (max and mean absolute difference, mean of each curve); sensitivities: IW-LoRA's calibration (eager "
-            "on the uncompiled model in both runs).",
+            "on the uncompiled model in both runs)."
+            + (
+                " A compiled `_nosync` run is also compared against the same mode without the recipe (the recipe "
+                "changes no arithmetic: they should agree as two runs of one mode do)."
+                if any("variant" in r for r in report["runs"])
+                else ""
+            ),
             "",
             "| run | against | logged steps | loss max abs diff | mean abs diff | mean loss (against / run) | train "
             "loss (run mean) | last logged loss | dev metric | sensitivity max rel. diff |",
@@ -425,6 +532,18 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def variant_note(report: dict) -> str:
+    """The header's sentence on the variant runs ('' without any: the header as before)."""
+    if not any("variant" in r for r in report["runs"]):
+        return ""
+    flags = shlex.join(report.get("sync_free_flags", bench_ddp.SYNC_FREE_FLAGS))
+    return (
+        f" `_nosync` runs: the same run_glue_iw command line with the sync-free recipe `{flags}` appended (the "
+        "Trainer's NaN/inf filter reads each step's loss on the host; accelerate copies each batch to the GPU with "
+        "a stream synchronise unless non-blocking)."
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     cpu = "on the CPU (a smoke test of the script, not a benchmark)"
     p = bench_ddp.run_parser(__file__, __doc__, 50, cpu, "/tmp/iw_whole_runs", "benchmarks/results/compile_whole_run")
@@ -432,7 +551,9 @@ def parser() -> argparse.ArgumentParser:
         "--configs",
         default=DEFAULT_CONFIGS,
         help=f"comma list of {CONFIG_FORMAT}: METHOD {'|'.join(METHODS)}, MODE {'|'.join(bench_ddp.COMPILE_MODES)} "
-        "(none = eager), GPU the CUDA device (default 0); a GPU's configurations run in turn, GPUs at once",
+        "(none = eager), +nosync the sync-free recipe (run_glue_iw with "
+        f"{shlex.join(bench_ddp.SYNC_FREE_FLAGS)}), GPU the CUDA device (default 0); a GPU's "
+        "configurations run in turn, GPUs at once",
     )
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--max_steps", type=int, default=0, help="train this many steps instead of --epochs (smoke runs)")
@@ -502,6 +623,8 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": [],
         "skipped": [],
     }
+    if any(c.variant != "plain" for c in configs):
+        report["sync_free_flags"] = list(bench_ddp.SYNC_FREE_FLAGS)
     out = Path(args.out)
     lock = threading.Lock()
     t0 = time.perf_counter()
@@ -523,8 +646,7 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 run = launch(args, model, config)
             except Exception as exc:  # a run's unreadable outputs must not end the other runs of its GPU
-                run = {"name": config.name, "method": config.method, "torch_compile": config.mode, "gpu": config.gpu}
-                run["error"] = f"{type(exc).__name__}: {exc}"
+                run = {**config_fields(config), "error": f"{type(exc).__name__}: {exc}"}
             run["started_s"] = start
             print(f"{config.name} (GPU {config.gpu}): {json.dumps({k: v for k, v in run.items() if k in SHOWN})}")
             with lock:

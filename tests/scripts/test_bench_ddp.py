@@ -1,7 +1,8 @@
-"""benchmarks/bench_ddp.py: its ``--pairs`` / ``--methods`` / ``--torch_compile`` parsing, the run_glue_iw.py command
-lines it builds (compile flags, plain LoRA, per-device batches), and a CPU smoke run (torchrun + gloo, real MiniLM)
-of the per-device mode with 2 processes and both methods: the JSON records every run's batches and the markdown has a
-row per method."""
+"""benchmarks/bench_ddp.py: its ``--pairs`` / ``--methods`` / ``--torch_compile`` / ``--variants`` parsing, the
+run_glue_iw.py command lines it builds (compile flags, plain LoRA, per-device batches, the sync-free recipe of the
+``nosync`` variant), the launch order and the report with variants side by side, and CPU smoke runs (torchrun +
+gloo, real MiniLM) of the per-device mode with 2 processes: both methods (the JSON records every run's batches and
+the markdown has a row per method) and plain LoRA with the sync-free recipe (every rank's Trainer takes it)."""
 
 from __future__ import annotations
 
@@ -78,15 +79,19 @@ def test_bad_pairs_name_the_entry(spec, fragment):
         (["--torch_compile", "fast"], "--torch_compile: expected a comma list of distinct values from none|default"),
         (["--nproc", "1"], "--nproc: expected an integer >= 2"),
         (["--logging_steps", "0"], "--logging_steps: expected a positive integer"),
+        (["--variants", "plain,fast"], "--variants: expected a comma list of distinct values from plain|nosync"),
+        (["--variants", "nosync,nosync"], "--variants: expected"),
     ],
 )
 def test_bad_flags_give_one_error_line(capsys, argv, fragment):
     assert fragment in error_line(capsys, argv)
 
 
-def command(argv: list[str], pair: Pair, nproc: int, method: str = "iw", mode: str = "none") -> list[str]:
+def command(
+    argv: list[str], pair: Pair, nproc: int, method: str = "iw", mode: str = "none", variant: str = "plain"
+) -> list[str]:
     args = bench_ddp.parser().parse_args(["--model", "m", "--glue_dir", "g", *argv])
-    cmd, env = build_command(args, "m", Run(nproc, pair, method, mode, Path("/tmp/out")), 12345)
+    cmd, env = build_command(args, "m", Run(nproc, pair, method, mode, Path("/tmp/out"), variant=variant), 12345)
     assert env["PYTHONUNBUFFERED"] == "1"  # the log lines' arrival times are the steady throughput's clock
     return cmd
 
@@ -118,6 +123,28 @@ def test_methods_and_batches_on_the_command_line():
         "16",
         "false",
     )
+
+
+def occurrences(cmd: list[str], flags: tuple[str, ...]) -> list[int]:
+    """Where ``flags`` stand in ``cmd`` as one contiguous run of arguments."""
+    return [i for i in range(len(cmd)) if tuple(cmd[i : i + len(flags)]) == flags]
+
+
+@pytest.mark.parametrize("cpu", [[], ["--cpu"]])
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_the_nosync_variant_appends_the_sync_free_recipe_once(cpu, nproc):
+    """The recipe's four arguments (the JSON one argument), once, after run_glue_iw.py; none in a plain run."""
+    assert bench_ddp.SYNC_FREE_FLAGS == (
+        "--logging_nan_inf_filter", "false", "--accelerator_config", '{"non_blocking": true}'
+    )  # fmt: skip
+    pair = Pair("bf16", 32, 10, per_device=True)
+    nosync = command(cpu, pair, nproc, method="lora", mode="reduce-overhead", variant="nosync")
+    plain = command(cpu, pair, nproc, method="lora", mode="reduce-overhead")
+    (at,) = occurrences(nosync, bench_ddp.SYNC_FREE_FLAGS)
+    assert at > nosync.index(str(ROOT / "run_glue_iw.py"))
+    assert nosync.count("--logging_nan_inf_filter") == nosync.count("--accelerator_config") == 1
+    assert "--logging_nan_inf_filter" not in plain and "--accelerator_config" not in plain
+    assert nosync[:at] + nosync[at + 4 :] == plain  # nothing else differs
 
 
 def test_bare_torch_compile_is_the_default_mode():
@@ -181,33 +208,74 @@ def test_per_device_smoke_run_on_cpu(tmp_path):
     assert "## Every run, in launch order" in md and "| 1 | fp32_b4_n1_per_device | IW-LoRA | none | 1 | 1 |" in md
 
 
+@pytest.mark.slow
+@needs_shared
+def test_nosync_smoke_run_on_cpu(tmp_path):
+    """--variants nosync through torchrun + gloo: 1 and 2 processes of plain LoRA, 6 steps; every rank's Trainer
+    takes the recipe (each warns that non_blocking is on without pinned memory, which the CPU turns off)."""
+    prefix = tmp_path / "ddp"
+    cmd = [
+        sys.executable, str(BENCH), "--model", str(MODEL), "--glue_dir", str(GLUE), "--task", e2e_task("sst2"),
+        "--cpu", "--nproc", "2", "--pairs", "fp32:4:6:per_device", "--methods", "lora", "--variants", "nosync",
+        "--logging_steps", "2", "--max_train_samples", "64", "--max_eval_samples", "16", "--threads", "1",
+        "--runs_dir", str(tmp_path / "runs"), "--out", str(prefix),
+    ]  # fmt: skip
+    report = run_report(cmd, prefix)
+    assert report["variants"] == ["nosync"] and report["sync_free_flags"] == list(bench_ddp.SYNC_FREE_FLAGS)
+    (entry,) = report["pairs"]
+    assert (entry["method"], entry["variant"]) == ("lora", "nosync") and report["variant_ratios"] == []
+    assert sorted(entry["many"]["losses"], key=int) == ["2", "4", "6"] and entry["compare"]["speedup_steady"] > 0
+    for nproc in (1, 2):
+        log = (tmp_path / "runs" / f"fp32_b4_n{nproc}_per_device_lora_nosync.log").read_text()
+        assert "'non_blocking': True" in log and "logging_nan_inf_filter=False" in log  # rank 0's arguments
+        assert log.count("`non_blocking` is enabled but `dataloader_pin_memory` is not") == nproc
+    md = prefix.with_suffix(".md").read_text()
+    assert md.startswith("# LoRA: 1 vs 2 processes, same per-device batch, sync-free recipe (CPU (gloo))")
+    assert "| LoRA + nosync | none | fp32 | on | 4 | 4 → 8 | 6 |" in md
+
+
 def test_grouped_order_is_the_original_order():
     """Default: each method's 1- then N-process run, method after method (the order of the committed runs)."""
     runs = bench_ddp.schedule(1, ["none"], ["iw", "lora"], 2)
     assert runs == [
-        (0, "none", "iw", 1, 0),
-        (0, "none", "iw", 2, 0),
-        (0, "none", "lora", 1, 0),
-        (0, "none", "lora", 2, 0),
+        (0, "none", "iw", "plain", 1, 0),
+        (0, "none", "iw", "plain", 2, 0),
+        (0, "none", "lora", "plain", 1, 0),
+        (0, "none", "lora", "plain", 2, 0),
     ]
     two = bench_ddp.schedule(2, ["none", "default"], ["lora"], 4, repeats=2)
-    assert [(p, m, n, r) for p, m, _, n, r in two[:4]] == [(0, "none", 1, 0), (0, "none", 4, 0), (0, "none", 1, 1),
-                                                            (0, "none", 4, 1)]  # fmt: skip
+    assert [(p, m, n, r) for p, m, _, _, n, r in two[:4]] == [(0, "none", 1, 0), (0, "none", 4, 0),
+                                                               (0, "none", 1, 1), (0, "none", 4, 1)]  # fmt: skip
     assert [(p, m) for p, m, *_ in two[::4]] == [(0, "none"), (0, "default"), (1, "none"), (1, "default")]
+
+
+def test_variants_run_side_by_side_in_either_order():
+    """--variants plain,nosync: each method's plain runs, then its nosync runs (1 and N processes), before the next
+    method; alternating, every round holds every method × variant × process count, reversed every other round."""
+    runs = bench_ddp.schedule(1, ["reduce-overhead"], ["lora", "iw"], 2, variants=["plain", "nosync"])
+    assert [(m, v, n) for _, _, m, v, n, _ in runs] == [
+        ("lora", "plain", 1), ("lora", "plain", 2), ("lora", "nosync", 1), ("lora", "nosync", 2),
+        ("iw", "plain", 1), ("iw", "plain", 2), ("iw", "nosync", 1), ("iw", "nosync", 2),
+    ]  # fmt: skip
+    alt = bench_ddp.schedule(1, ["none"], ["lora"], 2, repeats=2, order="alternate", variants=["plain", "nosync"])
+    assert [(v, n, r) for _, _, _, v, n, r in alt] == [
+        ("plain", 1, 0), ("plain", 2, 0), ("nosync", 1, 0), ("nosync", 2, 0),
+        ("nosync", 2, 1), ("nosync", 1, 1), ("plain", 2, 1), ("plain", 1, 1),
+    ]  # fmt: skip
 
 
 def test_alternate_order_reverses_every_other_round():
     """--order alternate: a round of every method × process count per repeat, reversed every other round, so each
     run's mean position is the same (a first-run or drift effect cannot favour one method)."""
     runs = bench_ddp.schedule(1, ["none"], ["lora", "iw"], 2, repeats=3, order="alternate")
-    assert [(m, n, r) for _, _, m, n, r in runs] == [
+    assert [(m, n, r) for _, _, m, _, n, r in runs] == [
         ("lora", 1, 0), ("lora", 2, 0), ("iw", 1, 0), ("iw", 2, 0),
         ("iw", 2, 1), ("iw", 1, 1), ("lora", 2, 1), ("lora", 1, 1),
         ("lora", 1, 2), ("lora", 2, 2), ("iw", 1, 2), ("iw", 2, 2),
     ]  # fmt: skip
     even = bench_ddp.schedule(1, ["none"], ["lora", "iw"], 2, repeats=2, order="alternate")
     positions: dict = {}
-    for i, (_, _, m, n, _) in enumerate(even):
+    for i, (_, _, m, _, n, _) in enumerate(even):
         positions.setdefault((m, n), []).append(i)
     assert {sum(p) for p in positions.values()} == {7}  # ABBA: every run's positions sum alike
     with pytest.raises(ValueError, match="grouped|alternate"):
@@ -224,18 +292,21 @@ def test_repeats_and_order_flags(capsys):
 
 
 def fake_launch(rates: dict):
-    """A stand-in for ``launch``: records the launch order; a run's steady rate from ``rates[(method, nproc)]``, a
-    list consumed one repeat at a time; IW-LoRA runs have 10 calibration batches of 1 s in all."""
+    """A stand-in for ``launch``: records the launch order; a run's steady rate from ``rates[(method, nproc)]`` (for
+    a variant other than plain ``rates[(method, variant, nproc)]``), a list consumed one repeat at a time; IW-LoRA
+    runs have 10 calibration batches of 1 s in all."""
     order = []
 
     def launch(args, model, run):
-        order.append((run.method, run.nproc, run.repeat))
-        rate = rates[(run.method, run.nproc)].pop(0)
+        plain = run.variant == "plain"
+        order.append((run.method, run.nproc, run.repeat) if plain else (run.method, run.variant, run.nproc))
+        rate = rates[(run.method, run.nproc) if plain else (run.method, run.variant, run.nproc)].pop(0)
         iw = run.method == "iw"
         losses = {2: 0.7, 4: 0.6}
         return {
             "nproc": run.nproc, "repeat": run.repeat, "per_device_batch": 4, "global_batch": 4 * run.nproc,
-            "method": run.method, "torch_compile": run.compile_mode, "process_wall_s": 10.0, "train_runtime_s": 5.0,
+            "method": run.method, "variant": run.variant, "torch_compile": run.compile_mode, "process_wall_s": 10.0,
+            "train_runtime_s": 5.0,
             "calibration_s": 1.0 if iw else 0.0, "calibration_batches": 10 if iw else 0, "samples_per_s": rate / 2,
             "step_samples_per_s": rate, "steady_samples_per_s": rate, "log_seconds": {}, "eval": {},
             "sensitivities": {"a": 1.0, "b": 2.0} if iw else None,
@@ -302,7 +373,77 @@ def test_one_repeat_keeps_the_pairs_as_before(tmp_path, monkeypatch):
     assert pair["one"]["steady_samples_per_s"] == 200.0
 
 
-@pytest.mark.parametrize("name", ["ddp", "ddp_deberta", "ddp_per_device_eager"])
+def test_plain_and_nosync_side_by_side_in_one_report(tmp_path, monkeypatch):
+    """--variants plain,nosync: every run twice, the nosync runs named and labelled as such, the recipe stated in the
+    header and recorded in the JSON, and a table of nosync ÷ plain for 1 and 2 processes."""
+    rates = {("lora", 1): [800.0], ("lora", 2): [1200.0], ("lora", "nosync", 1): [1000.0],
+             ("lora", "nosync", 2): [1800.0]}  # fmt: skip
+    launch, order = fake_launch(rates)
+    monkeypatch.setattr(bench_ddp, "launch", launch)
+    prefix = tmp_path / "ddp"
+    argv = ["--model", "m", "--glue_dir", "g", "--cpu", "--pairs", "fp32:4:4:per_device", "--methods", "lora",
+            "--torch_compile", "reduce-overhead", "--variants", "plain,nosync", "--runs_dir", str(tmp_path),
+            "--out", str(prefix)]  # fmt: skip
+    report = bench_ddp.main(argv)
+    assert order == [("lora", 1, 0), ("lora", 2, 0), ("lora", "nosync", 1), ("lora", "nosync", 2)]
+    assert report["variants"] == ["plain", "nosync"]
+    assert report["sync_free_flags"] == list(bench_ddp.SYNC_FREE_FLAGS)
+    assert [r["name"] for r in report["sequence"]] == [
+        "fp32_b4_n1_per_device_lora_compile_reduce-overhead",
+        "fp32_b4_n2_per_device_lora_compile_reduce-overhead",
+        "fp32_b4_n1_per_device_lora_compile_reduce-overhead_nosync",
+        "fp32_b4_n2_per_device_lora_compile_reduce-overhead_nosync",
+    ]
+    plain, nosync = report["pairs"]
+    assert (plain["variant"], nosync["variant"]) == ("plain", "nosync")
+    assert nosync["compare"]["speedup_steady"] == pytest.approx(1.8)
+    (v,) = report["variant_ratios"]
+    assert (v["method"], v["variant"], v["torch_compile"], v["per_device_batch"]) == (
+        "lora", "nosync", "reduce-overhead", 4
+    )  # fmt: skip
+    assert v["one_steady_samples_per_s"] == [800.0, 1000.0] and v["one_steady_samples_per_s_ratio"] == 1.25
+    assert v["many_steady_samples_per_s_ratio"] == pytest.approx(1.5)
+    assert v["speedup_steady"] == [pytest.approx(1.5), pytest.approx(1.8)]
+    md = prefix.with_suffix(".md").read_text()
+    assert md == bench_ddp.markdown(json.loads(prefix.with_suffix(".json").read_text()))
+    assert md.startswith("# LoRA: 1 vs 2 processes, same per-device batch, plain vs sync-free recipe (CPU (gloo))")
+    recipe = """`--logging_nan_inf_filter false --accelerator_config '{"non_blocking": true}'`"""
+    assert f"`+ nosync` rows: the same runs with the sync-free recipe {recipe} appended to run_glue_iw's" in md
+    rows = [line for line in md.splitlines() if line.startswith("| LoRA")]
+    assert [row.split(" | ")[0] for row in rows[:2]] == ["| LoRA", "| LoRA + nosync"]
+    assert "## Sync-free recipe ÷ plain, measured in this invocation" in md
+    assert (
+        "| LoRA + nosync | reduce-overhead | fp32 | 4 per device | 4 | 800 → 1000 | 1.250 | 1200 → 1800 | 1.500 | "
+        "1.250 / 1.500 | 1.50× / 1.80× |"
+    ) in md
+    assert "| 3 | fp32_b4_n1_per_device_lora_compile_reduce-overhead_nosync | LoRA + nosync | reduce-overhead |" in md
+
+
+def test_nosync_alone_runs_every_run_with_the_recipe(tmp_path, monkeypatch):
+    """--variants nosync: only the recipe's runs, the header says so, no nosync ÷ plain table (no plain runs)."""
+    launch, order = fake_launch({("iw", "nosync", 1): [200.0], ("iw", "nosync", 2): [380.0]})
+    monkeypatch.setattr(bench_ddp, "launch", launch)
+    argv = ["--model", "m", "--glue_dir", "g", "--cpu", "--pairs", "fp32:4:4:per_device", "--variants", "nosync",
+            "--runs_dir", str(tmp_path), "--out", str(tmp_path / "ddp")]  # fmt: skip
+    report = bench_ddp.main(argv)
+    assert order == [("iw", "nosync", 1), ("iw", "nosync", 2)] and report["variant_ratios"] == []
+    md = (tmp_path / "ddp.md").read_text()
+    assert md.startswith("# IW-LoRA: 1 vs 2 processes, same per-device batch, sync-free recipe (CPU (gloo))")
+    assert "Every run with the sync-free recipe `--logging_nan_inf_filter false" in md
+    assert "| IW-LoRA + nosync | none | fp32 | on | 4 | 4 → 8 | 4 |" in md and "Sync-free recipe ÷ plain" not in md
+
+
+def test_plain_reports_keep_their_header():
+    """Without --variants the header says nothing of the recipe (the committed reports' markdown stays as it was)."""
+    report = json.loads((ROOT / "benchmarks" / "results" / "ddp_per_device_eager.json").read_text())
+    md = bench_ddp.markdown({**report, "variants": ["plain"]})
+    assert "sync-free" not in md and "nosync" not in md and md == bench_ddp.markdown(report)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["ddp", "ddp_deberta", "ddp_per_device_eager", "ddp_per_device_compiled", "ddp_per_device_reduce_overhead"],
+)
 def test_committed_reports_regenerate(name):
     """The committed JSONs (written before --repeats existed) give their committed markdown's generated part."""
     results = ROOT / "benchmarks" / "results"
