@@ -68,4 +68,38 @@ def test_compile_methods_needs_lora_and_known_methods(methods, capsys):
         bench_step.main(["--compile_only", "--compile", "none", "--compile_methods", methods])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "--compile_methods takes methods of ['lora', 'iw_lora', 'delta_l2'] including lora" in err
+    assert "--compile_methods takes methods of ['lora', 'iw_lora', 'delta_l2', 'iw_lora_fused'] including lora" in err
+
+
+def test_fused_penalty_is_the_same_math_compiled():
+    """fuse_penalty (the iw_lora_fused experiment): the trainer's penalty computes what IWPenalty computes, through a
+    compiled ``_grad_math``. It compiles twice (the first call fills the penalty's weight cache, which the second
+    reads) and never again: ``IWPenalty._replay``'s two warm-up calls take both compiles out of the CUDA-graph
+    capture."""
+    import torch
+    from tiny import tiny_lora
+    from torch._dynamo.utils import counters
+
+    from iwtrainer import find_lora_targets
+    from iwtrainer.importance import importance_record
+    from iwtrainer.penalty import IWPenalty
+
+    torch._dynamo.reset()
+    model = tiny_lora("bert", init_lora_weights=False)
+    trainer = bench_step._trainer(model, 1e-4, "/tmp/iw_bench_fused")
+    names = [t.name for t in find_lora_targets(model)]
+    trainer.iw_callback.record = importance_record({n: float(i + 1) for i, n in enumerate(names)}, "sum", 1.0)
+    plain = IWPenalty(find_lora_targets(model), trainer.iw_callback.coefficients)
+    bench_step.fuse_penalty(trainer, "aot_eager")
+    counters.clear()
+    fused = trainer._penalty(model)
+    for _ in range(2):
+        value, grads = fused._grad_math(1e-4)
+    assert counters["stats"]["unique_graphs"] == 2 and trainer._penalty(model) is fused
+    value, grads = fused._grad_math(1e-4)
+    assert counters["stats"]["unique_graphs"] == 2
+    want_value, want_grads = plain._grad_math(1e-4)
+    torch.testing.assert_close(value, want_value)
+    for (d_a, d_b), (w_a, w_b) in zip(grads, want_grads):
+        torch.testing.assert_close(d_a, w_a)
+        torch.testing.assert_close(d_b, w_b)
