@@ -26,46 +26,46 @@ from scipy.stats import spearmanr
 from transformers import AutoModelForSequenceClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_calibration_memory import peak_mib  # noqa: E402
 from bench_step import SST2_TRAIN_ROWS, _lora, _sync, _trainer, make_step, sst2_batches  # noqa: E402
 
 from iwtrainer import compute_sensitivities  # noqa: E402
 
 
-def timed_calibration(model: torch.nn.Module, batches: list[dict], group: int, autocast) -> tuple[float, dict, int]:
-    """Seconds, sensitivities and peak bytes above the start of one calibration over ``batches``."""
-    _sync()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    start = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-    t0 = time.perf_counter()
-    sens = compute_sensitivities(
-        model, batches, num_steps=len(batches), autocast_dtype=autocast, show_progress=False, group=group
-    )
-    _sync()
-    seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() - start if torch.cuda.is_available() else 0
-    return seconds, dict(sens), peak
+def timed_calibration(model: torch.nn.Module, batches: list[dict], group: int, autocast) -> tuple[float, dict, float]:
+    """Seconds, sensitivities and peak MiB above the start of one calibration over ``batches``."""
+    out: dict = {}
+
+    def calibrate() -> None:
+        t0 = time.perf_counter()
+        out["sens"] = compute_sensitivities(
+            model, batches, num_steps=len(batches), autocast_dtype=autocast, show_progress=False, group=group
+        )
+        _sync()
+        out["seconds"] = time.perf_counter() - t0
+
+    peak = peak_mib(calibrate, next(model.parameters()).device)
+    return out["seconds"], dict(out["sens"]), peak
 
 
-def lora_step_ms(model: torch.nn.Module, batches: list[dict], tmp: str, steps: int) -> tuple[float, int]:
-    """Median ms of bench_step's eager LoRA training step over ``steps`` steps, and its peak bytes above the start."""
+def lora_step_ms(model: torch.nn.Module, batches: list[dict], tmp: str, steps: int) -> tuple[float, float]:
+    """Median ms of bench_step's eager LoRA training step over ``steps`` steps, and their peak MiB above the start."""
     trainer = _trainer(model, 0.0, tmp)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     step = make_step("lora", trainer, model, opt)
     for b in batches[:3]:
         step(b)  # warm-up: first kernels, AdamW state
-    _sync()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    start = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-    times = []
-    for i in range(steps):
-        _sync()
-        t0 = time.perf_counter()
-        step(batches[i % len(batches)])
-        _sync()
-        times.append((time.perf_counter() - t0) * 1000)
-    peak = torch.cuda.max_memory_allocated() - start if torch.cuda.is_available() else 0
+    times: list[float] = []
+
+    def timed_steps() -> None:
+        for i in range(steps):
+            _sync()
+            t0 = time.perf_counter()
+            step(batches[i % len(batches)])
+            _sync()
+            times.append((time.perf_counter() - t0) * 1000)
+
+    peak = peak_mib(timed_steps, next(model.parameters()).device)
     return statistics.median(times), peak
 
 
@@ -77,10 +77,10 @@ def run(args: argparse.Namespace) -> dict:
     model = _lora(copy.deepcopy(base)).to(device)
     step_ms, step_peak = lora_step_ms(_lora(copy.deepcopy(base)).to(device), batches, args.tmp, args.steps)
     compute_sensitivities(model, batches[:2], num_steps=2, autocast_dtype=autocast, show_progress=False)  # warm-up
-    groups = [int(g) for g in args.groups.split(",")]
+    groups = args.groups
     seconds: dict[int, list[float]] = {g: [] for g in groups}
     sens: dict[int, dict] = {}
-    peaks: dict[int, int] = {}
+    peaks: dict[int, float] = {}
     for r in range(args.repeats):
         for g in groups[r % len(groups) :] + groups[: r % len(groups)]:  # rotate the order every round
             s, sens[g], peaks[g] = timed_calibration(model, batches, g, autocast)
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> dict:
             "ms_per_batch": med * 1000 / len(batches),
             "batch_over_lora_step": med * 1000 / len(batches) / step_ms,
             "share_of_sst2_3epoch_lora_run": med / (med + run_s),
-            "peak_bytes": peaks[g],
+            "peak_mib": peaks[g],
             "peak_over_lora_step": peaks[g] / step_peak if step_peak else None,
             "max_rel_diff": max(abs(sens[g][k] - ref[k]) / ref[k] for k in names),
             "spearman": float(spearmanr([ref[k] for k in names], [sens[g][k] for k in names])[0]),
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
         "batch": args.batch,
         "shapes": [list(s) for s in shapes],
         "lora_step_ms": step_ms,
-        "lora_step_peak_bytes": step_peak,
+        "lora_step_peak_mib": step_peak,
         "sst2_3epoch_lora_seconds_est": run_s,
         "repeats": args.repeats,
         "groups": rows,
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--groups: expected a comma list of integers >= 1, got {args.groups!r}")
     if not groups or min(groups) < 1:
         p.error(f"--groups: expected a comma list of integers >= 1, got {args.groups!r}")
+    args.groups = groups
     for flag in ("calib_steps", "batch", "repeats", "steps"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag}: expected a positive integer, got {getattr(args, flag)}")
