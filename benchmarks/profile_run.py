@@ -145,10 +145,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if "--" not in argv:
-        parser().error("expected `-- <run_glue_iw.py flags>` after the profiler's own flags")
-    split = argv.index("--")
     p = parser()
+    if "--" not in argv:
+        p.error("expected `-- <run_glue_iw.py flags>` after the profiler's own flags")
+    split = argv.index("--")
     args = p.parse_args(argv[:split])
     for flag in ("profile_start", "profile_steps"):
         if getattr(args, flag) < (0 if flag == "profile_start" else 1):

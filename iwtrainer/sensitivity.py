@@ -418,10 +418,11 @@ def _stacks(iterator: Iterator[Mapping[str, Any]], num_steps: int, group: int) -
     is full; the partial ones once ``num_steps`` batches are read or the data ends)."""
     pending: dict[tuple, list[Mapping[str, Any]]] = {}
     for read, batch in enumerate(iterator, 1):
-        same = pending.setdefault(_shape_key(batch), [])
+        key = _shape_key(batch)
+        same = pending.setdefault(key, [])
         same.append(batch)
         if len(same) == group:
-            yield pending.pop(_shape_key(batch))
+            yield pending.pop(key)
         if read == num_steps:
             break
     yield from pending.values()
