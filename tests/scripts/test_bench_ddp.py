@@ -160,17 +160,23 @@ def run_report(cmd: list[str], prefix: Path) -> dict:
     return json.loads(prefix.with_suffix(".json").read_text())
 
 
+def per_device_smoke_command(tmp_path: Path, prefix: Path, *flags: str) -> list[str]:
+    """bench_ddp on CPU: 2 gloo processes against 1, per-device batch 4, 6 steps logged every 2, tiny data; plus
+    ``flags`` (methods, variants, calibration)."""
+    return [
+        sys.executable, str(BENCH), "--model", str(MODEL), "--glue_dir", str(GLUE), "--task", e2e_task("sst2"),
+        "--cpu", "--nproc", "2", "--pairs", "fp32:4:6:per_device", "--logging_steps", "2", "--max_train_samples",
+        "64", "--max_eval_samples", "16", "--threads", "1", "--runs_dir", str(tmp_path / "runs"), "--out", str(prefix),
+        *flags,
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 @needs_shared
 def test_per_device_smoke_run_on_cpu(tmp_path):
     """2 CPU processes × per-device batch 4 against 1 × 4, IW-LoRA and plain LoRA, 6 steps logged every 2."""
     prefix = tmp_path / "ddp"
-    cmd = [
-        sys.executable, str(BENCH), "--model", str(MODEL), "--glue_dir", str(GLUE), "--task", e2e_task("sst2"),
-        "--cpu", "--nproc", "2", "--pairs", "fp32:4:6:per_device", "--methods", "iw,lora", "--calib_steps", "2",
-        "--logging_steps", "2", "--max_train_samples", "64", "--max_eval_samples", "16", "--threads", "1",
-        "--runs_dir", str(tmp_path / "runs"), "--out", str(prefix),
-    ]  # fmt: skip
+    cmd = per_device_smoke_command(tmp_path, prefix, "--methods", "iw,lora", "--calib_steps", "2")
     report = run_report(cmd, prefix)
     assert (report["methods"], report["torch_compile"], report["batch_modes"]) == (
         ["iw", "lora"],
@@ -214,12 +220,7 @@ def test_nosync_smoke_run_on_cpu(tmp_path):
     """--variants nosync through torchrun + gloo: 1 and 2 processes of plain LoRA, 6 steps; every rank's Trainer
     takes the recipe (each warns that non_blocking is on without pinned memory, which the CPU turns off)."""
     prefix = tmp_path / "ddp"
-    cmd = [
-        sys.executable, str(BENCH), "--model", str(MODEL), "--glue_dir", str(GLUE), "--task", e2e_task("sst2"),
-        "--cpu", "--nproc", "2", "--pairs", "fp32:4:6:per_device", "--methods", "lora", "--variants", "nosync",
-        "--logging_steps", "2", "--max_train_samples", "64", "--max_eval_samples", "16", "--threads", "1",
-        "--runs_dir", str(tmp_path / "runs"), "--out", str(prefix),
-    ]  # fmt: skip
+    cmd = per_device_smoke_command(tmp_path, prefix, "--methods", "lora", "--variants", "nosync")
     report = run_report(cmd, prefix)
     assert report["variants"] == ["nosync"] and report["sync_free_flags"] == list(bench_ddp.SYNC_FREE_FLAGS)
     (entry,) = report["pairs"]
