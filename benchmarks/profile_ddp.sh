@@ -5,7 +5,8 @@
 #   bash benchmarks/profile_ddp.sh MODEL GLUE_DIR OUT [METHOD=lora] [STEPS=130]
 # Each run: 130 optimizer steps, steps 100-109 profiled on every rank (benchmarks/profile_run.py) ->
 # OUT/profile_<method>_n<procs>_<plain|nosync>/rank<R>.{json,md}. Four runs; the first compiles (~120 s), the rest
-# find most graphs in inductor's cache.
+# find most graphs in inductor's cache. PROCS="2" runs the 2-process pair alone. A device call brings back at most 8
+# files: pack OUT into one archive (tar czf) when every run's rank files are wanted.
 set -o pipefail
 MODEL=$1 GLUE=$2 OUT=$3 METHOD=${4:-lora} STEPS=${5:-130}
 [ -n "$OUT" ] || { echo "usage: bash benchmarks/profile_ddp.sh MODEL GLUE_DIR OUT [lora|iw] [STEPS]"; exit 2; }
@@ -22,12 +23,13 @@ FLAGS=(--model_name_or_path "$MODEL" --glue_dir "$GLUE" --task_name sst2 --max_s
 NOSYNC=(--logging_nan_inf_filter false --accelerator_config '{"non_blocking": true}')  # bench_ddp.SYNC_FREE_FLAGS
 export OMP_NUM_THREADS=4
 PY=${PY:-python3}  # PY=echo prints the four commands
-for procs in 1 2; do
+for procs in ${PROCS:-1 2}; do
   for variant in plain nosync; do
     extra=(); [ $variant = nosync ] && extra=("${NOSYNC[@]}")
     name=profile_${METHOD}_n${procs}_${variant}
     multi=(); [ $procs = 2 ] && multi=(--multi_gpu)
-    $PY -m accelerate.commands.launch --num_processes $procs --num_machines 1 --dynamo_backend no "${multi[@]}" \
+    # exactly $procs GPUs visible: one process that sees two gets transformers' nn.DataParallel over both
+    CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((procs - 1))) $PY -m accelerate.commands.launch --num_processes $procs --num_machines 1 --dynamo_backend no "${multi[@]}" \
       benchmarks/profile_run.py --profile_dir "$OUT/$name" --profile_start 100 --profile_steps 10 -- \
       "${FLAGS[@]}" "${extra[@]}" --output_dir "/tmp/$name" 2>&1 | tail -5 | tee "$OUT/$name.log"
   done

@@ -48,3 +48,24 @@ def test_bad_flags_give_one_line(argv, expected, capsys):
     with pytest.raises(SystemExit) as exc:
         profile_run.main(argv)
     assert exc.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_profile_ddp_gives_each_run_exactly_its_gpus(tmp_path):
+    """benchmarks/profile_ddp.sh: a 1-process run must see one GPU (seeing two, the Trainer would wrap the model in
+    nn.DataParallel over both), a 2-process run two; PROCS selects the process counts. A stand-in for python prints
+    what each launch would get."""
+    import subprocess
+
+    fake = tmp_path / "py"
+    fake.write_text('#!/bin/sh\necho "visible=$CUDA_VISIBLE_DEVICES procs=$4"\n')
+    fake.chmod(0o755)
+
+    def launches(procs: str | None) -> list[str]:
+        env = {"PATH": "/usr/bin:/bin", "PY": str(fake)} | ({"PROCS": procs} if procs else {})
+        cmd = ["bash", str(ROOT / "benchmarks" / "profile_ddp.sh"), "M", "G", str(tmp_path / "out"), "lora"]
+        (tmp_path / "out").mkdir(exist_ok=True)
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+        return [line for line in out.splitlines() if line.startswith("visible=")]
+
+    assert launches(None) == ["visible=0 procs=1"] * 2 + ["visible=0,1 procs=2"] * 2  # plain, nosync each
+    assert launches("2") == ["visible=0,1 procs=2"] * 2
