@@ -103,3 +103,44 @@ def test_fused_penalty_is_the_same_math_compiled():
     for (d_a, d_b), (w_a, w_b) in zip(grads, want_grads):
         torch.testing.assert_close(d_a, w_a)
         torch.testing.assert_close(d_b, w_b)
+
+
+@pytest.mark.parametrize("n, ranks", [(10, (2, 9)), (20, (6, 15)), (50, (18, 33)), (100, (40, 61))])
+def test_median_ci_takes_the_tabulated_order_statistics(n, ranks):
+    """The distribution-free 95 % interval of a median is (x_(j), x_(n+1-j)); j from the standard tables
+    (n = 10: 2, n = 20: 6, n = 50: 18, n = 100: 40), values given as their own ranks."""
+    values = [float(i) for i in range(n, 0, -1)]  # shuffled order must not matter: reversed
+    assert bench_step.median_ci(values) == tuple(float(r) for r in ranks)
+
+
+def test_median_ci_covers_the_median_at_its_level():
+    """Over 2,000 samples of 50 ratios from a skewed distribution, the interval holds the true median in ~95 %
+    of them (binomial coverage at n = 50 is 96.7 %)."""
+    import random
+
+    rng = random.Random(0)
+    true_median = 1.0 + 0.05 * 1.0  # lognormal-ish: exp(N(0,1)) has median 1
+    hits = 0
+    for _ in range(2000):
+        xs = [1.0 + 0.05 * rng.lognormvariate(0.0, 1.0) for _ in range(50)]
+        lo, hi = bench_step.median_ci(xs)
+        hits += lo <= true_median <= hi
+    assert 0.95 <= hits / 2000 <= 0.985
+
+
+def test_paired_ratio_reports_every_ratio_and_the_median_interval():
+    """Two stand-in steps whose cost differs by a known factor: the median ratio, its interval and the raw ratios."""
+    import time
+
+    def base(_batch):
+        time.sleep(0.002)
+
+    def other(_batch):
+        time.sleep(0.003)
+
+    out = bench_step.paired_ratio(base, other, [{}], pairs=12, block=2)
+    assert len(out["ratios"]) == 12 and out["pairs"] == 12
+    lo, hi = out["ratio_ci95"]
+    ranked = sorted(out["ratios"])
+    assert (lo, hi) == (ranked[2], ranked[9]) and lo <= out["ratio_median"] <= hi  # n = 12: 3rd and 10th smallest
+    assert 1.2 < out["ratio_median"] < 1.8
