@@ -303,6 +303,11 @@ RUN_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name not 
 def test_shipped_configs_parse(path, tmp_path):
     args = [str(path), "--model_name_or_path", "m/x", "--glue_dir", "/g", "--output_dir", str(tmp_path)]
     raw = yaml.safe_load(path.read_text())
+    if raw.get("bf16"):
+        args += [
+            "--bf16",
+            "false",
+        ]  # transformers refuses bf16 on a machine without a bf16 GPU; the file's value is raw's
     parsed = parse_args(args)  # hpo_* keys are plain keys of the one parser
     hpo_args, data_args, adapter_args, training_args = parsed.hpo_args, *parsed[1:4]
     hpo_keys = {k: v for k, v in raw.items() if k.startswith("hpo_")}
@@ -322,9 +327,43 @@ def test_shipped_configs_parse(path, tmp_path):
         assert training_args.iw_alpha == (pytest.approx(1e-4) if "iwlora" in path.name else 0)
         assert (training_args.iw_beta, training_args.iw_calib_steps) == (1.0, 150)
         assert training_args.metric_for_best_model == "accuracy"
+    elif path.name.startswith("mpnet_"):  # the compiled recipe: exactly the flags of the run SPEED.md measured
+        assert raw["model_name_or_path"] == "sentence-transformers/all-mpnet-base-v2" and raw["bf16"] is True
+        measured = recipe_run_args(tmp_path)
+        for group in (1, 2, 3):  # data, adapter and training arguments
+            for name in RECIPE_FIELDS[group]:
+                assert getattr(parsed[group], name) == getattr(measured[group], name), name
+        assert training_args.accelerator_config.non_blocking and not training_args.logging_nan_inf_filter
+        assert training_args.iw_calib_group == 8  # measured apart (calib_group.md): the same s_k in fewer passes
     else:
         text = path.read_text()
         assert "${MINILM_DIR}" in text  # placeholder, documented in the header
         # the quickstart falls back to $GLUE_DIR / the hub (--glue_dir's own default); the others name the folder
         assert ("${GLUE_DIR}" in text) != (path.name == "quickstart.yaml")
         assert text.startswith("#")
+
+
+RECIPE_FIELDS = {
+    1: ("task_name", "max_seq_length", "pad_to_max_length", "pad_to_multiple_of"),
+    2: ("adapter", "lora_r", "lora_alpha", "lora_dropout"),
+    3: ("per_device_train_batch_size", "learning_rate", "warmup_steps", "weight_decay", "num_train_epochs", "iw_alpha",
+        "iw_normalize", "iw_calib_steps", "seed", "ddp_find_unused_parameters", "torch_compile", "torch_compile_mode",
+        "logging_nan_inf_filter", "accelerator_config", "dataloader_drop_last", "max_steps"),
+}  # fmt: skip
+"""What configs/mpnet_sst2_iwlora_compiled.yaml shares with the measured run (the rest is where it writes, logs and
+evaluates, and the measurement's row limit)."""
+
+
+def recipe_run_args(tmp_path):
+    """run_glue_iw's parsed arguments for bench_run's ``iw:reduce-overhead+nosync`` run, the command behind
+    compile_whole_run_nosync.md (its bf16 turned off only to validate on CPU, as the config's is)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_run
+
+    bench_args = bench_run.parser().parse_args(
+        ["--model", "m/x", "--glue_dir", "/g", "--configs", "iw:reduce-overhead+nosync@0"]
+    )
+    cmd, _ = bench_run.build_command(bench_args, "m/x", bench_run.parse_configs(bench_args.configs)[0], tmp_path / "b")
+    return parse_args([*cmd[2:], "--bf16", "false"])  # past the interpreter and the script
