@@ -18,7 +18,14 @@ both runs). Runs are sequential, so timings never overlap. ``--variants plain,no
 method twice, side by side: as it is and with the sync-free recipe ``SYNC_FREE_FLAGS`` (``--logging_nan_inf_filter
 false --accelerator_config '{"non_blocking": true}'`` appended to run_glue_iw's command line: no host read of each
 step's loss, batches copied to the GPU without a stream synchronise; bench_run's ``+nosync``), and adds a table of
-nosync ÷ plain samples/s for the 1- and the N-process run; ``--variants nosync`` runs the recipe alone.
+nosync ÷ plain samples/s for the 1- and the N-process run; ``--variants nosync`` runs the recipe alone. Two more
+variants try DDP's own levers, for a compiled 2-process step that is host-bound by DDP's per-parameter work:
+``lean`` adds ``--ddp_static_graph true --ddp_broadcast_buffers false`` to the recipe (TrainingArguments flags);
+``onegraph`` runs lean's command line through ``benchmarks/ddp_knobs.py --optimize_ddp false
+--gradient_as_bucket_view --`` (two knobs the Trainer has no flag for: one compiled graph instead of one per DDP
+gradient bucket, gradients as views into DDP's buckets). Every variant is defined once, in ``DDP_VARIANTS`` (its
+flags) and ``WRAPPERS``; without plain, the table compares each variant with the first listed
+(``--variants nosync,lean,onegraph``: lean and onegraph ÷ nosync).
 
 Run order and repeats: by default each method's 1-process run is followed by its N-process run, method after method
 (``--methods lora,iw`` puts LoRA first). ``--repeats R`` launches every run R times; ``--order alternate`` makes
@@ -36,6 +43,8 @@ the repeats, and a last table lists every run in launch order with its steady ms
         --order alternate --calib_steps 50 --logging_steps 20 --out benchmarks/results/ddp_per_device_order
     python benchmarks/bench_ddp.py ... --pairs bf16:32:300:per_device --methods lora --torch_compile reduce-overhead \\
         --variants plain,nosync --calib_steps 50 --logging_steps 20 --out benchmarks/results/ddp_per_device_nosync
+    python benchmarks/bench_ddp.py ... --pairs bf16:32:300:per_device --methods lora --torch_compile reduce-overhead \\
+        --variants nosync,lean,onegraph --calib_steps 50 --logging_steps 20 --out benchmarks/results/ddp_knobs
     python benchmarks/bench_ddp.py ... --cpu --pairs fp32:8:6:nodrop --max_train_samples 256   # CPU smoke test
 
 Pairs are ``PRECISION:BATCH:STEPS[:nodrop][:per_device]`` (tags in any order): fp32 shows the equivalence without
@@ -85,7 +94,39 @@ step) nor copies each batch to the GPU with ``non_blocking=False`` (accelerate's
 step; non-blocking needs the pinned batches of ``--dataloader_pin_memory true``, the Trainer's default on GPUs).
 A non-finite loss still stops the run: iwtrainer's DivergenceGuard checks on the device."""
 VARIANTS = {"plain": (), "nosync": SYNC_FREE_FLAGS}
-"""``--variants`` values: the extra run_glue_iw flags of each (``plain``: none; ``nosync``: the sync-free recipe)."""
+"""The variants that mean something in one process too, and their extra run_glue_iw flags (``plain``: none;
+``nosync``: the sync-free recipe): bench_run's ``+nosync`` reads this table."""
+LEAN_DDP_FLAGS = ("--ddp_static_graph", "true", "--ddp_broadcast_buffers", "false")
+"""The DDP settings a Trainer user can pass today: DDP told the graph is static, and no broadcast of the model's
+buffers from rank 0 before each forward (a collective and a host walk over the buffers a step)."""
+DDP_VARIANTS = {
+    **VARIANTS,
+    "lean": (*SYNC_FREE_FLAGS, *LEAN_DDP_FLAGS),
+    "onegraph": (*SYNC_FREE_FLAGS, *LEAN_DDP_FLAGS),
+}
+"""``--variants`` values: the extra run_glue_iw flags of each, the one place that defines them (``lean``: the
+sync-free recipe and ``LEAN_DDP_FLAGS``; ``onegraph``: the same flags, run through ``WRAPPERS``' knobs)."""
+WRAPPERS = {"onegraph": ("benchmarks/ddp_knobs.py", "--optimize_ddp", "false", "--gradient_as_bucket_view")}
+"""The variants run through a wrapper of run_glue_iw.py: the wrapper (from the repository root) and its flags, which
+replace run_glue_iw.py in the command, followed by ``--`` and run_glue_iw's flags (``onegraph``: ddp_knobs.py sets
+two DDP knobs the Trainer has no flag for: one compiled graph, not one per DDP bucket, and gradients as views into
+DDP's buckets)."""
+VARIANT_NOTES = {
+    "nosync": (
+        "the sync-free recipe",
+        "no host read of each step's loss for the NaN/inf filter, batches copied to the GPU without a stream "
+        "synchronise",
+    ),
+    "lean": (
+        "the sync-free recipe and two DDP flags",
+        "also DDP told the graph is static and no broadcast of the model's buffers before each forward",
+    ),
+    "onegraph": (
+        "the lean variant's flags",
+        "also one compiled graph instead of one per DDP gradient bucket, and gradients as views into DDP's buckets",
+    ),
+}
+"""Each variant other than plain in the report's header: what its flags are and what they change."""
 ORDERS = ("grouped", "alternate")
 """``--order`` values: ``grouped`` runs each method's 1- then N-process run (all repeats) before the next method;
 ``alternate`` runs one round of every method × process count per repeat, reversing the round every other repeat."""
@@ -115,7 +156,7 @@ class Pair:
 @dataclass(frozen=True)
 class Run:
     """One run of run_glue_iw.py: a pair's configuration on ``nproc`` processes, for ``method`` in ``compile_mode``,
-    with ``variant``'s extra flags (``VARIANTS``)."""
+    with ``variant``'s extra flags (``DDP_VARIANTS``) and wrapper (``WRAPPERS``)."""
 
     nproc: int
     pair: Pair
@@ -277,25 +318,31 @@ SETUP = ("torch_compile", "batch_mode", "precision", "dropout", "per_device_batc
 """The fields of a report entry that, with its method, say which runs it compares (its variant aside)."""
 
 
-def variant_ratios(entries: list[dict]) -> list[dict]:
-    """Each entry of a variant other than plain against the plain entry of the same pair, mode and method (when the
-    invocation has it): the variant's samples/s over plain's, for 1 and for N processes (steady, steps, train()),
-    and the N ÷ 1 steady speedup of each."""
+def baseline_variant(variants: list[str] | tuple[str, ...]) -> str:
+    """The variant the others are compared against: plain when the invocation runs it, else the first listed
+    (``--variants nosync,lean,onegraph``: lean and onegraph against nosync)."""
+    return "plain" if "plain" in variants else variants[0]
+
+
+def variant_ratios(entries: list[dict], baseline: str = "plain") -> list[dict]:
+    """Each entry of a variant other than ``baseline`` against the baseline's entry of the same pair, mode and method
+    (when the invocation has it): the variant's samples/s over the baseline's, for 1 and for N processes (steady,
+    steps, train()), and the N ÷ 1 steady speedup of each."""
     out = []
     for e in entries:
-        if e.get("variant", "plain") == "plain":
+        if e.get("variant", "plain") == baseline:
             continue
         setup = {k: e.get(k) for k in ("method", *SETUP)}
         same = [p for p in entries if all(p.get(k) == v for k, v in setup.items())]
-        plain = next((p for p in same if p.get("variant", "plain") == "plain"), None)
-        if plain is None:
+        base = next((p for p in same if p.get("variant", "plain") == baseline), None)
+        if base is None:
             continue
-        row = {**{k: v for k, v in setup.items() if v is not None}, "variant": e["variant"]}
+        row = {**{k: v for k, v in setup.items() if v is not None}, "variant": e["variant"], "baseline": baseline}
         for side in ("one", "many"):
             for key in RATES:
-                row[f"{side}_{key}"] = [plain[side][key], e[side][key]]
-                row[f"{side}_{key}_ratio"] = ratio(e[side][key], plain[side][key])
-        row["speedup_steady"] = [plain["compare"]["speedup_steady"], e["compare"]["speedup_steady"]]
+                row[f"{side}_{key}"] = [base[side][key], e[side][key]]
+                row[f"{side}_{key}_ratio"] = ratio(e[side][key], base[side][key])
+        row["speedup_steady"] = [base["compare"]["speedup_steady"], e["compare"]["speedup_steady"]]
         out.append(row)
     return out
 
@@ -341,8 +388,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def script(variant: str) -> list[str]:
+    """What the launcher runs, before run_glue_iw's flags: run_glue_iw.py, or the variant's wrapper with its flags
+    and ``--`` (``WRAPPERS``)."""
+    if variant not in WRAPPERS:
+        return [str(ROOT / "run_glue_iw.py")]
+    wrapper, *flags = WRAPPERS[variant]
+    return [str(ROOT / wrapper), *flags, "--"]
+
+
 def build_command(args: argparse.Namespace, model: str, run: Run, port: int) -> tuple[list[str], dict[str, str]]:
-    """The launcher + run_glue_iw.py command line of one run, and its environment."""
+    """The launcher + run_glue_iw.py command line of one run (its variant's wrapper in place of run_glue_iw.py, if it
+    has one), and its environment."""
     nproc, pair, method, compile_mode, out = run.nproc, run.pair, run.method, run.compile_mode, run.out
     if args.cpu:  # accelerate's CPU multi-process path needs MPI; torchrun sets up the same gloo group
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
@@ -352,7 +409,7 @@ def build_command(args: argparse.Namespace, model: str, run: Run, port: int) -> 
         launcher += ["--num_machines", "1", "--dynamo_backend", "no"]
         launcher += ["--main_process_port", str(port)] + (["--multi_gpu"] if nproc > 1 else [])
     cmd = [
-        *launcher, str(ROOT / "run_glue_iw.py"), "--model_name_or_path", model, "--glue_dir", args.glue_dir,
+        *launcher, *script(run.variant), "--model_name_or_path", model, "--glue_dir", args.glue_dir,
         "--task_name", args.task, "--max_seq_length", "64", "--output_dir", str(out), "--do_train", "--do_eval",
         "--per_device_train_batch_size", str(pair.per_device_batch(nproc)), "--per_device_eval_batch_size", "128",
         "--max_steps", str(pair.steps), "--learning_rate", "5e-4", "--warmup_steps", "0.06", "--weight_decay", "0.01",
@@ -377,7 +434,7 @@ def build_command(args: argparse.Namespace, model: str, run: Run, port: int) -> 
         cmd += ["--max_eval_samples", str(args.max_eval_samples)]
     if args.cpu:  # (transformers refuses --ddp_backend in a single process that no launcher set up)
         cmd += ["--use_cpu", "true"] + (["--ddp_backend", "gloo"] if nproc > 1 else [])
-    cmd += VARIANTS[run.variant]  # nosync: the sync-free recipe
+    cmd += DDP_VARIANTS[run.variant]  # nosync: the sync-free recipe; lean, onegraph: also LEAN_DDP_FLAGS
     # Unbuffered: the arrival time of each log line times the steady steps (see launch).
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)}
     env["PYTHONUNBUFFERED"] = "1"
@@ -509,6 +566,28 @@ def rate(one: dict, many: dict, key: str) -> str:
     return f"{fmt(one[key], '.0f')} → {fmt(many[key], '.0f')}"
 
 
+def variant_flags(report: dict, variant: str) -> tuple[list[str], list[str]]:
+    """A variant's extra run_glue_iw flags and its wrapper with the wrapper's flags (``[]``: none), as the report
+    recorded them (reports written before the DDP variants recorded only ``sync_free_flags``)."""
+    flags = report.get("variant_flags", {}).get(variant)
+    if flags is None:
+        flags = (
+            report["sync_free_flags"] if variant == "nosync" and "sync_free_flags" in report else DDP_VARIANTS[variant]
+        )
+    return list(flags), list(report.get("variant_wrappers", {}).get(variant, WRAPPERS.get(variant, ())))
+
+
+def variant_sentence(report: dict, variant: str, alone: bool) -> str:
+    """The header's sentence on a variant other than plain: its flags, its wrapper and what they change."""
+    name, change = VARIANT_NOTES[variant]
+    flags, wrapper = variant_flags(report, variant)
+    text = " Every run with" if alone else f" `+ {variant}` rows: the same runs with"
+    text += f" {name} `{shlex.join(flags)}` appended to run_glue_iw's command line"
+    if wrapper:
+        text += f", run by `{shlex.join(wrapper)} -- <run_glue_iw.py flags>` in place of run_glue_iw.py"
+    return text + f" ({change})."
+
+
 def markdown(report: dict) -> str:
     n = report["nproc"]
     methods, modes = report.get("methods", ["iw"]), report.get("torch_compile", ["none"])
@@ -536,16 +615,9 @@ def markdown(report: dict) -> str:
             " Steady: samples/s from the 2nd to the last logged step (arrival times of rank 0's log lines: compile "
             "warm-up and calibration left out)."
         )
-    if variants != ["plain"]:
-        recipe = f"`{shlex.join(report.get('sync_free_flags', SYNC_FREE_FLAGS))}`"
-        intro += (
-            f" Every run with the sync-free recipe {recipe}"
-            if variants == ["nosync"]
-            else f" `+ nosync` rows: the same runs with the sync-free recipe {recipe}"
-        ) + (
-            " appended to run_glue_iw's command line (no host read of each step's loss for the NaN/inf filter, "
-            "batches copied to the GPU without a stream synchronise)."
-        )
+    for variant in variants:
+        if variant != "plain":
+            intro += variant_sentence(report, variant, alone=variants == [variant])
     repeats = report.get("repeats", 1)
     if repeats > 1:
         intro += (
@@ -553,8 +625,10 @@ def markdown(report: dict) -> str:
             "the median over the repeats, the losses, sensitivities and dev metric are the first repeat's."
         )
     recipe = ""
-    if "nosync" in variants:
+    if set(variants) <= {"plain", "nosync"} and "nosync" in variants:
         recipe = ", plain vs sync-free recipe" if "plain" in variants else ", sync-free recipe"
+    elif variants != ["plain"]:
+        recipe = f", variants {' / '.join(variants)}"
     lines = [f"# {' / '.join(METHODS[m] for m in methods)}: 1 vs {n} processes, {same}{recipe} ({report['device']})"]
     lines += ["", intro, ""]
     key = objective_metric(report["task"])
@@ -611,17 +685,23 @@ def markdown(report: dict) -> str:
             f"{fmt(one['eval'].get(key), '.4f')} / {fmt(many['eval'].get(key), '.4f')} |"
         )
     if report.get("variant_ratios"):
+        base = report["variant_ratios"][0].get("baseline", "plain")
+        shown = {v["variant"] for v in report["variant_ratios"]}
+        var = shown.pop() if len(shown) == 1 else "variant"
+        what = {"nosync": "Sync-free recipe", "variant": "Each variant"}.get(var, f"`{var}`")
+        faster = {"nosync": "the recipe", "variant": "the variant"}.get(var, var)
+        each = "Each variant" if var == "variant" else f"Each `+ {var}`"
         lines += [
             "",
-            "## Sync-free recipe ÷ plain, measured in this invocation",
+            f"## {what} ÷ {base}, measured in this invocation",
             "",
-            "Each `+ nosync` run against the plain run of the same pair, compile mode and method: samples/s plain → "
-            "nosync and nosync ÷ plain (above 1: the recipe is faster), for the 1-process and the N-process run; "
-            "N ÷ 1: the steady speedup of each.",
+            f"{each} run against the {base} run of the same pair, compile mode and method: samples/s {base} → "
+            f"{var} and {var} ÷ {base} (above 1: {faster} is faster), "
+            "for the 1-process and the N-process run; N ÷ 1: the steady speedup of each.",
             "",
-            "| method | compile | precision | batch | steps | steady samples/s 1 proc. | nosync ÷ plain 1 | "
-            f"steady samples/s {n} proc. | nosync ÷ plain {n} | train() nosync ÷ plain 1 / {n} | "
-            "N ÷ 1 steady plain / nosync |",
+            f"| method | compile | precision | batch | steps | steady samples/s 1 proc. | {var} ÷ {base} 1 | "
+            f"steady samples/s {n} proc. | {var} ÷ {base} {n} | train() {var} ÷ {base} 1 / {n} | "
+            f"N ÷ 1 steady {base} / {var} |",
             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for v in report["variant_ratios"]:
@@ -708,9 +788,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--variants",
         default="plain",
-        help="comma list of plain | nosync (run_glue_iw with the sync-free recipe "
-        f"{shlex.join(SYNC_FREE_FLAGS)}): each pair, mode and method runs once per variant, side by side "
-        "(plain,nosync: a table of nosync ÷ plain)",
+        help=f"comma list of {' | '.join(DDP_VARIANTS)} (nosync: run_glue_iw with the sync-free recipe "
+        f"{shlex.join(SYNC_FREE_FLAGS)}; lean: also {shlex.join(LEAN_DDP_FLAGS)}; onegraph: lean's flags through "
+        f"{shlex.join(WRAPPERS['onegraph'])} --): each pair, mode and method runs once per variant, side by side, "
+        "and a table compares each variant with plain (or, without plain, with the first listed)",
     )
     p.add_argument("--repeats", type=int, default=1, help="launch every run this many times (tables: median rates)")
     p.add_argument(
@@ -744,7 +825,7 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as e:
         p.error(f"--torch_compile: {e}")
     try:
-        variants = parse_choices(args.variants, list(VARIANTS))
+        variants = parse_choices(args.variants, list(DDP_VARIANTS))
     except ValueError as e:
         p.error(f"--variants: {e}")
     import torch
@@ -764,6 +845,9 @@ def main(argv: list[str] | None = None) -> dict:
     report["variants"] = variants
     if "nosync" in variants:
         report["sync_free_flags"] = list(SYNC_FREE_FLAGS)
+    if set(variants) - {"plain", "nosync"}:  # (plain and nosync reports as before)
+        report["variant_flags"] = {v: list(DDP_VARIANTS[v]) for v in variants if v != "plain"}
+        report["variant_wrappers"] = {v: list(WRAPPERS[v]) for v in variants if v in WRAPPERS}
     report.update(repeats=args.repeats, order=args.order, pairs=[], sequence=[])
     runs: dict[tuple[int, str, str, str], dict[int, list[dict]]] = {}  # (pair, mode, method, variant) -> N -> runs
     out = Path(args.out)
@@ -784,7 +868,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["sequence"].append(sequence_row(r, name))
         runs.setdefault((index, mode, method, variant), {}).setdefault(nproc, []).append(r)
         report["pairs"] = complete_pairs(pairs, modes, methods, runs, args.nproc, args.repeats, variants)
-        report["variant_ratios"] = variant_ratios(report["pairs"])
+        report["variant_ratios"] = variant_ratios(report["pairs"], baseline_variant(variants))
         group = runs[(index, mode, method, variant)]
         if all(len(group.get(n, [])) == args.repeats for n in (1, args.nproc)):  # this run completed its pair
             first = min(group[1], key=lambda x: x["repeat"])["position"]

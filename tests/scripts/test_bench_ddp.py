@@ -1,8 +1,11 @@
 """benchmarks/bench_ddp.py: its ``--pairs`` / ``--methods`` / ``--torch_compile`` / ``--variants`` parsing, the
 run_glue_iw.py command lines it builds (compile flags, plain LoRA, per-device batches, the sync-free recipe of the
-``nosync`` variant), the launch order and the report with variants side by side, and CPU smoke runs (torchrun +
-gloo, real MiniLM) of the per-device mode with 2 processes: both methods (the JSON records every run's batches and
-the markdown has a row per method) and plain LoRA with the sync-free recipe (every rank's Trainer takes it)."""
+``nosync`` variant, the DDP flags of ``lean``, ``onegraph``'s wrapper), the launch order and the report with variants
+side by side, and CPU smoke runs (torchrun + gloo, real MiniLM) of the per-device mode with 2 processes: both methods
+(the JSON records every run's batches and the markdown has a row per method), plain LoRA with the sync-free recipe
+(every rank's Trainer takes it) and IW-LoRA through ``onegraph`` (the same losses as ``nosync``). Also
+benchmarks/ddp_knobs.py, ``onegraph``'s wrapper: its flags, and its knobs: set, reaching the Trainer's accelerator
+(or one error line) and undone after the run."""
 
 from __future__ import annotations
 
@@ -19,7 +22,13 @@ ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks" / "bench_ddp.py"
 sys.path.insert(0, str(BENCH.parent))
 import bench_ddp  # noqa: E402
+import ddp_knobs  # noqa: E402
 from bench_ddp import Pair, Run, build_command, parse_pairs  # noqa: E402
+
+import iwtrainer.glue.run as glue_run  # noqa: E402
+
+RUN_GLUE = str(ROOT / "run_glue_iw.py")
+KNOBS = str(ROOT / "benchmarks" / "ddp_knobs.py")
 
 
 def error_line(capsys, argv: list[str]) -> str:
@@ -81,6 +90,7 @@ def test_bad_pairs_name_the_entry(spec, fragment):
         (["--logging_steps", "0"], "--logging_steps: expected a positive integer"),
         (["--variants", "plain,fast"], "--variants: expected a comma list of distinct values from plain|nosync"),
         (["--variants", "nosync,nosync"], "--variants: expected"),
+        (["--variants", "lean,fast"], "expected a comma list of distinct values from plain|nosync|lean|onegraph, got"),
     ],
 )
 def test_bad_flags_give_one_error_line(capsys, argv, fragment):
@@ -145,6 +155,125 @@ def test_the_nosync_variant_appends_the_sync_free_recipe_once(cpu, nproc):
     assert nosync.count("--logging_nan_inf_filter") == nosync.count("--accelerator_config") == 1
     assert "--logging_nan_inf_filter" not in plain and "--accelerator_config" not in plain
     assert nosync[:at] + nosync[at + 4 :] == plain  # nothing else differs
+
+
+@pytest.mark.parametrize("cpu", [[], ["--cpu"]])
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_the_lean_variant_appends_the_ddp_flags_to_the_recipe(cpu, nproc):
+    """lean: the nosync command line, then exactly ``--ddp_static_graph true --ddp_broadcast_buffers false``."""
+    assert bench_ddp.LEAN_DDP_FLAGS == ("--ddp_static_graph", "true", "--ddp_broadcast_buffers", "false")
+    pair = Pair("bf16", 32, 10, per_device=True)
+    lean = command(cpu, pair, nproc, method="lora", mode="reduce-overhead", variant="lean")
+    nosync = command(cpu, pair, nproc, method="lora", mode="reduce-overhead", variant="nosync")
+    assert lean == nosync + list(bench_ddp.LEAN_DDP_FLAGS) and lean.count("--ddp_static_graph") == 1
+    assert RUN_GLUE in lean and KNOBS not in lean
+
+
+@pytest.mark.parametrize("cpu", [[], ["--cpu"]])
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_the_onegraph_variant_runs_the_lean_command_through_ddp_knobs(cpu, nproc):
+    """onegraph: the launcher, then ddp_knobs.py with its two knobs and ``--`` in place of run_glue_iw.py, then the
+    lean variant's run_glue_iw flags unchanged."""
+    pair = Pair("bf16", 32, 10, per_device=True)
+    onegraph = command(cpu, pair, nproc, method="lora", mode="reduce-overhead", variant="onegraph")
+    lean = command(cpu, pair, nproc, method="lora", mode="reduce-overhead", variant="lean")
+    at = onegraph.index(KNOBS)
+    assert onegraph[at : at + 5] == [KNOBS, "--optimize_ddp", "false", "--gradient_as_bucket_view", "--"]
+    assert RUN_GLUE not in onegraph and onegraph.count("--") == 1
+    assert onegraph[:at] == lean[: lean.index(RUN_GLUE)]  # the same launcher
+    assert onegraph[at + 5 :] == lean[lean.index(RUN_GLUE) + 1 :]  # the lean flags, after --
+    knobs, run_argv = ddp_knobs.parse(onegraph[at + 1 :])  # the wrapper's own parser takes its part
+    assert (knobs.optimize_ddp, knobs.gradient_as_bucket_view) == ("false", True)
+    assert run_argv == lean[lean.index(RUN_GLUE) + 1 :]
+
+
+def test_the_ddp_flags_reach_the_trainers_accelerator(tmp_path):
+    """The onegraph command line through ddp_knobs' and run_glue_iw's own parsers, and a Trainer built under the
+    knobs: its accelerator hands DDP static_graph, no buffer broadcast and gradients as bucket views (accelerate
+    passes DDP only the fields that differ from DistributedDataParallelKwargs' defaults)."""
+    from tiny import RandomClassification, tiny_base
+
+    from iwtrainer.glue.arguments import parse_args
+
+    cmd = command(["--cpu"], Pair("fp32", 4, 6, per_device=True), 1, method="lora", variant="onegraph")
+    knobs, run_argv = ddp_knobs.parse(cmd[cmd.index(KNOBS) + 1 :])
+    training = parse_args(run_argv).training_args
+    assert (training.ddp_static_graph, training.ddp_broadcast_buffers) == (True, False)
+    training.output_dir = str(tmp_path)
+    with ddp_knobs.knobs(knobs):
+        trainer = glue_run.GlueTrainer(model=tiny_base("bert"), args=training, train_dataset=RandomClassification(8))
+    assert trainer.accelerator.ddp_handler.to_kwargs() == {
+        "broadcast_buffers": False,
+        "static_graph": True,
+        "gradient_as_bucket_view": True,
+    }
+
+
+def test_ddp_knobs_sets_both_knobs_and_undoes_them(monkeypatch):
+    """Under the wrapper's knobs dynamo compiles a DDP model as one graph and the Trainer's DDP arguments ask for
+    gradients as bucket views; after the block (run_glue_iw's end) both are as they were, and so is GlueTrainer."""
+    import torch._dynamo
+    import transformers.trainer
+
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)  # the default, whatever an earlier test did
+    real_kwargs, real_trainer = transformers.trainer.DistributedDataParallelKwargs, glue_run.GlueTrainer
+    args, run_argv = ddp_knobs.parse(["--optimize_ddp", "false", "--gradient_as_bucket_view", "--", "--do_train"])
+    assert run_argv == ["--do_train"]
+    with ddp_knobs.knobs(args):
+        assert torch._dynamo.config.optimize_ddp is False
+        handler = transformers.trainer.DistributedDataParallelKwargs(find_unused_parameters=False)
+        assert isinstance(handler, real_kwargs) and handler.gradient_as_bucket_view is True
+        assert handler.to_kwargs() == {"gradient_as_bucket_view": True}  # what accelerate hands DDP
+        assert issubclass(glue_run.GlueTrainer, real_trainer) and glue_run.GlueTrainer is not real_trainer
+    assert torch._dynamo.config.optimize_ddp is True
+    assert transformers.trainer.DistributedDataParallelKwargs is real_kwargs and glue_run.GlueTrainer is real_trainer
+    assert not real_kwargs(find_unused_parameters=False).gradient_as_bucket_view
+    with ddp_knobs.knobs(ddp_knobs.parse(["--optimize_ddp", "true", "--"])[0]):  # true alone: the bucket view not
+        assert torch._dynamo.config.optimize_ddp is True
+        assert transformers.trainer.DistributedDataParallelKwargs is real_kwargs
+    assert ddp_knobs.describe(args) == (
+        "ddp_knobs.py: torch._dynamo.config.optimize_ddp = False; DDP gradient_as_bucket_view = True"
+    )
+
+
+def test_ddp_knobs_fails_loudly_when_the_trainer_builds_ddp_otherwise(tmp_path, monkeypatch):
+    """A transformers whose Trainer does not build its DDP arguments from transformers.trainer's
+    DistributedDataParallelKwargs: one error line, from the wrapper's setup or the Trainer's construction, rather
+    than a run without the knob."""
+    import transformers.trainer
+    from tiny import RandomClassification, tiny_args, tiny_base
+
+    from iwtrainer import IWTrainingArguments
+
+    training = tiny_args(tmp_path, IWTrainingArguments, iw_alpha=0.0)
+    args, _ = ddp_knobs.parse(["--gradient_as_bucket_view", "--"])
+    real_kwargs = transformers.trainer.DistributedDataParallelKwargs
+    with ddp_knobs.knobs(args), monkeypatch.context() as m:
+        m.setattr(transformers.trainer, "DistributedDataParallelKwargs", real_kwargs)  # the swap bypassed
+        with pytest.raises(SystemExit) as info:
+            glue_run.GlueTrainer(model=tiny_base("bert"), args=training, train_dataset=RandomClassification(8))
+    message = str(info.value.code)
+    assert "\n" not in message and message.startswith("ddp_knobs.py: error: the Trainer's accelerator does not pass")
+    monkeypatch.delattr(transformers.trainer, "DistributedDataParallelKwargs")
+    with pytest.raises(SystemExit) as info, ddp_knobs.knobs(args):
+        pass
+    assert "has no transformers.trainer.DistributedDataParallelKwargs" in str(info.value.code)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--gradient_as_bucket_view"], "error: expected `-- <run_glue_iw.py flags>`"),
+        (["--optimize_ddp", "maybe", "--"], "error: argument --optimize_ddp: invalid choice: 'maybe'"),
+        (["--optimize_ddp", "--"], "error: argument --optimize_ddp: expected one argument"),
+        (["--static_graph", "--"], "error: unrecognized arguments: --static_graph"),
+    ],
+)
+def test_ddp_knobs_bad_flags_give_one_line(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exc:
+        ddp_knobs.main(argv)
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert exc.value.code == 2 and len(errors) == 1 and expected in errors[0]
 
 
 def test_bare_torch_compile_is_the_default_mode():
@@ -233,6 +362,37 @@ def test_nosync_smoke_run_on_cpu(tmp_path):
     md = prefix.with_suffix(".md").read_text()
     assert md.startswith("# LoRA: 1 vs 2 processes, same per-device batch, sync-free recipe (CPU (gloo))")
     assert "| LoRA + nosync | none | fp32 | on | 4 | 4 → 8 | 6 |" in md
+
+
+@pytest.mark.slow
+@needs_shared
+def test_onegraph_smoke_run_on_cpu_logs_the_nosync_losses(tmp_path):
+    """--variants nosync,onegraph through torchrun + gloo: IW-LoRA (2 calibration batches) on 1 and 2 processes, 6
+    steps. Rank 0 names the knobs, every rank's Trainer checks its accelerator hands DDP gradient_as_bucket_view
+    (else the run fails), and the knobs change no arithmetic: each onegraph run logs its nosync twin's losses and
+    calibrates the same sensitivities (same seed, same data, eager: optimize_ddp only acts on a compiled model)."""
+    prefix = tmp_path / "ddp"
+    cmd = per_device_smoke_command(tmp_path, prefix, "--methods", "iw", "--calib_steps", "2", "--variants",
+                                   "nosync,onegraph")  # fmt: skip
+    report = run_report(cmd, prefix)
+    nosync, onegraph = report["pairs"]
+    assert (nosync["variant"], onegraph["variant"]) == ("nosync", "onegraph")
+    for side in ("one", "many"):
+        a, b = nosync[side], onegraph[side]
+        assert sorted(b["losses"], key=int) == ["2", "4", "6"] and a["losses"].keys() == b["losses"].keys()
+        assert all(b["losses"][k] == pytest.approx(a["losses"][k], abs=1e-6) for k in a["losses"]), (side, a, b)
+        assert b["sensitivities"] == pytest.approx(a["sensitivities"], rel=1e-6)
+    for nproc in (1, 2):
+        log = (tmp_path / "runs" / f"fp32_b4_n{nproc}_per_device_onegraph.log").read_text()
+        assert (
+            log.count("ddp_knobs.py: torch._dynamo.config.optimize_ddp = False; DDP gradient_as_bucket_view = True")
+            == 1
+        )
+        assert "ddp_static_graph=True" in log and "ddp_broadcast_buffers=False" in log  # rank 0's arguments
+    (ratios,) = report["variant_ratios"]
+    assert (ratios["variant"], ratios["baseline"]) == ("onegraph", "nosync")
+    md = prefix.with_suffix(".md").read_text()
+    assert "| IW-LoRA + onegraph | none | fp32 | on | 4 | 4 → 8 | 6 |" in md and "## `onegraph` ÷ nosync" in md
 
 
 def test_grouped_order_is_the_original_order():
@@ -434,6 +594,48 @@ def test_nosync_alone_runs_every_run_with_the_recipe(tmp_path, monkeypatch):
     assert "| IW-LoRA + nosync | none | fp32 | on | 4 | 4 → 8 | 4 |" in md and "Sync-free recipe ÷ plain" not in md
 
 
+def test_ddp_variants_side_by_side_against_the_first_listed(tmp_path, monkeypatch):
+    """--variants nosync,lean,onegraph (no plain): every run three times, each variant's flags and wrapper stated in
+    the header and recorded in the JSON, and lean and onegraph compared with nosync."""
+    rates = {("lora", v, n): [r] for (v, n), r in {("nosync", 1): 1000.0, ("nosync", 2): 1600.0, ("lean", 1): 1000.0,
+             ("lean", 2): 1700.0, ("onegraph", 1): 1100.0, ("onegraph", 2): 2000.0}.items()}  # fmt: skip
+    launch, order = fake_launch(rates)
+    monkeypatch.setattr(bench_ddp, "launch", launch)
+    prefix = tmp_path / "ddp"
+    argv = ["--model", "m", "--glue_dir", "g", "--cpu", "--pairs", "fp32:4:4:per_device", "--methods", "lora",
+            "--torch_compile", "reduce-overhead", "--variants", "nosync,lean,onegraph", "--runs_dir", str(tmp_path),
+            "--out", str(prefix)]  # fmt: skip
+    report = bench_ddp.main(argv)
+    assert [v for _, v, _ in order] == ["nosync", "nosync", "lean", "lean", "onegraph", "onegraph"]
+    lean = [*bench_ddp.SYNC_FREE_FLAGS, *bench_ddp.LEAN_DDP_FLAGS]
+    assert report["variant_flags"] == {"nosync": list(bench_ddp.SYNC_FREE_FLAGS), "lean": lean, "onegraph": lean}
+    assert report["variant_wrappers"] == {"onegraph": list(bench_ddp.WRAPPERS["onegraph"])}
+    assert [(v["variant"], v["baseline"]) for v in report["variant_ratios"]] == [
+        ("lean", "nosync"),
+        ("onegraph", "nosync"),
+    ]
+    onegraph = report["variant_ratios"][1]
+    assert onegraph["one_steady_samples_per_s_ratio"] == pytest.approx(1.1)
+    assert onegraph["many_steady_samples_per_s_ratio"] == pytest.approx(1.25)
+    md = prefix.with_suffix(".md").read_text()
+    assert md == bench_ddp.markdown(json.loads(prefix.with_suffix(".json").read_text()))
+    assert md.startswith("# LoRA: 1 vs 2 processes, same per-device batch, variants nosync / lean / onegraph (CPU")
+    assert "`+ nosync` rows: the same runs with the sync-free recipe `--logging_nan_inf_filter false" in md
+    assert (
+        "`+ lean` rows: the same runs with the sync-free recipe and two DDP flags `--logging_nan_inf_filter false "
+        """--accelerator_config '{"non_blocking": true}' --ddp_static_graph true --ddp_broadcast_buffers false` """
+        "appended to run_glue_iw's command line"
+    ) in md
+    assert (
+        "appended to run_glue_iw's command line, run by `benchmarks/ddp_knobs.py --optimize_ddp false "
+        "--gradient_as_bucket_view -- <run_glue_iw.py flags>` in place of run_glue_iw.py"
+    ) in md
+    assert "## Each variant ÷ nosync, measured in this invocation" in md and "| variant ÷ nosync 2 |" in md
+    assert (
+        "| LoRA + onegraph | reduce-overhead | fp32 | 4 per device | 4 | 1000 → 1100 | 1.100 | 1600 → 2000 | 1.250 | "
+    ) in md
+
+
 def test_plain_reports_keep_their_header():
     """Without --variants the header says nothing of the recipe (the committed reports' markdown stays as it was)."""
     report = json.loads((ROOT / "benchmarks" / "results" / "ddp_per_device_eager.json").read_text())
@@ -443,7 +645,14 @@ def test_plain_reports_keep_their_header():
 
 @pytest.mark.parametrize(
     "name",
-    ["ddp", "ddp_deberta", "ddp_per_device_eager", "ddp_per_device_compiled", "ddp_per_device_reduce_overhead"],
+    [
+        "ddp",
+        "ddp_deberta",
+        "ddp_per_device_eager",
+        "ddp_per_device_compiled",
+        "ddp_per_device_reduce_overhead",
+        "ddp_per_device_nosync_lora",
+    ],  # fmt: skip
 )
 def test_committed_reports_regenerate(name):
     """The committed JSONs (written before --repeats existed) give their committed markdown's generated part."""
