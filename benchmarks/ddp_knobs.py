@@ -7,9 +7,9 @@ make a compiled 2-process step host-bound?
 
 Why: profiled, a 2-process step of all-mpnet-base-v2 compiled with ``reduce-overhead`` (and the sync-free recipe)
 is host-bound, and most of the host's extra work a step is DDP's (SPEED.md, ``profile_ddp/``). Two of its levers are
-no TrainingArguments flag (``--ddp_static_graph`` and ``--ddp_broadcast_buffers`` are: ``bench_ddp``'s ``lean``
-variant), so this wrapper sets them and runs run_glue_iw.py unchanged, in the same process (``bench_ddp``'s
-``onegraph`` variant):
+no TrainingArguments flag (``--ddp_static_graph``, ``--ddp_broadcast_buffers`` and ``--ddp_bucket_cap_mb`` are:
+``bench_ddp``'s ``lean`` variant), so this wrapper sets them and runs run_glue_iw.py unchanged, in the same process
+(``bench_ddp``'s ``onegraph`` variant):
 
 - ``--optimize_ddp false``: ``torch._dynamo.config.optimize_ddp``. By default dynamo splits a compiled DDP model into
   one graph per DDP gradient bucket, so that each bucket's all-reduce can start while the backward goes on. DDP's

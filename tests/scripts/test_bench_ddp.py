@@ -160,8 +160,10 @@ def test_the_nosync_variant_appends_the_sync_free_recipe_once(cpu, nproc):
 @pytest.mark.parametrize("cpu", [[], ["--cpu"]])
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_the_lean_variant_appends_the_ddp_flags_to_the_recipe(cpu, nproc):
-    """lean: the nosync command line, then exactly ``--ddp_static_graph true --ddp_broadcast_buffers false``."""
-    assert bench_ddp.LEAN_DDP_FLAGS == ("--ddp_static_graph", "true", "--ddp_broadcast_buffers", "false")
+    """lean: the nosync command line, then exactly ``--ddp_static_graph true --ddp_broadcast_buffers false
+    --ddp_bucket_cap_mb 32``."""
+    lean_flags = ("--ddp_static_graph", "true", "--ddp_broadcast_buffers", "false", "--ddp_bucket_cap_mb", "32")
+    assert bench_ddp.LEAN_DDP_FLAGS == lean_flags
     pair = Pair("bf16", 32, 10, per_device=True)
     lean = command(cpu, pair, nproc, method="lora", mode="reduce-overhead", variant="lean")
     nosync = command(cpu, pair, nproc, method="lora", mode="reduce-overhead", variant="nosync")
@@ -189,8 +191,9 @@ def test_the_onegraph_variant_runs_the_lean_command_through_ddp_knobs(cpu, nproc
 
 def test_the_ddp_flags_reach_the_trainers_accelerator(tmp_path):
     """The onegraph command line through ddp_knobs' and run_glue_iw's own parsers, and a Trainer built under the
-    knobs: its accelerator hands DDP static_graph, no buffer broadcast and gradients as bucket views (accelerate
-    passes DDP only the fields that differ from DistributedDataParallelKwargs' defaults)."""
+    knobs: its accelerator hands DDP static_graph, no buffer broadcast, a 32 MB bucket cap (given, so no 1 MiB first
+    bucket) and gradients as bucket views (accelerate passes DDP only the fields that differ from
+    DistributedDataParallelKwargs' defaults: a cap of 25, its default, would not reach DDP)."""
     from tiny import RandomClassification, tiny_base
 
     from iwtrainer.glue.arguments import parse_args
@@ -198,12 +201,13 @@ def test_the_ddp_flags_reach_the_trainers_accelerator(tmp_path):
     cmd = command(["--cpu"], Pair("fp32", 4, 6, per_device=True), 1, method="lora", variant="onegraph")
     knobs, run_argv = ddp_knobs.parse(cmd[cmd.index(KNOBS) + 1 :])
     training = parse_args(run_argv).training_args
-    assert (training.ddp_static_graph, training.ddp_broadcast_buffers) == (True, False)
+    assert (training.ddp_static_graph, training.ddp_broadcast_buffers, training.ddp_bucket_cap_mb) == (True, False, 32)
     training.output_dir = str(tmp_path)
     with ddp_knobs.knobs(knobs):
         trainer = glue_run.GlueTrainer(model=tiny_base("bert"), args=training, train_dataset=RandomClassification(8))
     assert trainer.accelerator.ddp_handler.to_kwargs() == {
         "broadcast_buffers": False,
+        "bucket_cap_mb": 32,
         "static_graph": True,
         "gradient_as_bucket_view": True,
     }
@@ -622,8 +626,9 @@ def test_ddp_variants_side_by_side_against_the_first_listed(tmp_path, monkeypatc
     assert md.startswith("# LoRA: 1 vs 2 processes, same per-device batch, variants nosync / lean / onegraph (CPU")
     assert "`+ nosync` rows: the same runs with the sync-free recipe `--logging_nan_inf_filter false" in md
     assert (
-        "`+ lean` rows: the same runs with the sync-free recipe and two DDP flags `--logging_nan_inf_filter false "
-        """--accelerator_config '{"non_blocking": true}' --ddp_static_graph true --ddp_broadcast_buffers false` """
+        "`+ lean` rows: the same runs with the sync-free recipe and three DDP flags `--logging_nan_inf_filter false "
+        """--accelerator_config '{"non_blocking": true}' --ddp_static_graph true --ddp_broadcast_buffers false """
+        "--ddp_bucket_cap_mb 32` "
         "appended to run_glue_iw's command line"
     ) in md
     assert (
