@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from transformers import TrainerCallback
 
 import iwtrainer.glue.run as run
@@ -40,6 +41,16 @@ def _device_us(event) -> float:
     return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
 
 
+def _is_kernel(event) -> bool:
+    """A kernel (or device copy) on the GPU's timeline, not a host op or an annotated range: a host op's "self"
+    device time is its kernels' time again, and a range (``record_function``: ``## Call CompiledFxGraph ##``,
+    ``DistributedDataParallel.forward``, ``nccl:all_reduce``) also shows on the GPU's timeline spanning its kernels,
+    so summing every row counts the same kernel two or three times."""
+    return getattr(event, "device_type", DeviceType.CPU) != DeviceType.CPU and not getattr(
+        event, "is_user_annotation", False
+    )
+
+
 def summarize(events, steps: int, wall_s: float, rank: int) -> dict:
     """Per-step figures of the profiled window from ``profile.key_averages()``'s events."""
     rows = [
@@ -48,17 +59,22 @@ def summarize(events, steps: int, wall_s: float, rank: int) -> dict:
             "calls_per_step": e.count / steps,
             "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / steps,
             "device_ms_per_step": _device_us(e) / 1000 / steps,
+            "kernel": _is_kernel(e),
         }
         for e in events
     ]
     waits = [r for r in rows if r["name"] in WAITS]
     collectives = [r for r in rows if "nccl" in r["name"].lower() or r["name"].startswith("c10d::")]
+    kernels = [r for r in rows if r["kernel"]]
+    nccl = sum(r["device_ms_per_step"] for r in kernels if "nccl" in r["name"].lower())
     return {
         "rank": rank,
         "steps": steps,
         "wall_ms_per_step": wall_s * 1000 / steps,
-        # kernels' own device time summed: over the wall time, how busy the GPU was (0 on CPU)
-        "device_busy_ms_per_step": sum(r["device_ms_per_step"] for r in rows),
+        # the kernels' device time, each kernel once (0 on CPU): compute apart from collectives, whose kernels run
+        # from their launch until every rank has joined, so their time is mostly one rank waiting for the other
+        "device_busy_ms_per_step": sum(r["device_ms_per_step"] for r in kernels) - nccl,
+        "collective_kernels_ms_per_step": nccl,
         "host_waits": sorted(waits, key=lambda r: -r["self_cpu_ms_per_step"]),
         "collectives": sorted(collectives, key=lambda r: -r["self_cpu_ms_per_step"]),
         "top_host": sorted(rows, key=lambda r: -r["self_cpu_ms_per_step"])[:TOP],
@@ -81,8 +97,10 @@ def markdown(s: dict, command: str) -> str:
         f"`{command}`",
         "",
         f"- wall time: {s['wall_ms_per_step']:.2f} ms/step",
-        f"- GPU kernels: {s['device_busy_ms_per_step']:.2f} ms/step "
-        f"({s['device_busy_ms_per_step'] / s['wall_ms_per_step']:.0%} of the wall time)",
+        f"- GPU compute kernels: {s['device_busy_ms_per_step']:.2f} ms/step "
+        f"({s['device_busy_ms_per_step'] / s['wall_ms_per_step']:.0%} of the wall time); collective kernels "
+        f"{s.get('collective_kernels_ms_per_step', 0.0):.2f} ms/step (from launch until every rank joined: mostly "
+        "waiting for the other ranks)",
         f"- host waiting on the device: {waited:.2f} ms/step in "
         f"{sum(r['calls_per_step'] for r in s['host_waits']):.1f} calls/step",
         "",

@@ -69,3 +69,33 @@ def test_profile_ddp_gives_each_run_exactly_its_gpus(tmp_path):
 
     assert launches(None) == ["visible=0 procs=1"] * 2 + ["visible=0,1 procs=2"] * 2  # plain, nosync each
     assert launches("2") == ["visible=0,1 procs=2"] * 2
+
+
+def test_gpu_busy_counts_each_kernel_once_and_collectives_apart():
+    """key_averages() lists a kernel's time three times over: on the kernel's own row, as the "self" device time of
+    the host op that launched it, and inside an annotated range on the GPU's timeline. Only kernel rows count, and the
+    collectives' kernels (which run until every rank has joined) are reported apart."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(key, device_us, device_type=DeviceType.CUDA, annotation=False, cpu_us=0.0):
+        return SimpleNamespace(key=key, count=2, self_cpu_time_total=cpu_us, self_device_time_total=device_us,
+                               device_type=device_type, is_user_annotation=annotation)  # fmt: skip
+
+    events = [
+        event("aten::mm", 4000.0, DeviceType.CPU, cpu_us=300.0),  # the host op: its kernel's time again
+        event("nvjet_sm90_gemm", 4000.0),  # the kernel
+        event("triton_poi_fused_add", 1000.0),
+        event("## Call CompiledFxGraph abc ##", 5000.0, annotation=True),  # a range spanning both kernels
+        event("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 6000.0),
+        event("nccl:all_reduce", 6000.0, annotation=True),
+        event("cudaStreamSynchronize", 0.0, DeviceType.CPU, cpu_us=800.0),
+    ]
+    s = profile_run.summarize(events, steps=2, wall_s=0.02, rank=0)
+    assert s["device_busy_ms_per_step"] == pytest.approx(2.5)  # (4 + 1 ms) over 2 steps
+    assert s["collective_kernels_ms_per_step"] == pytest.approx(3.0)
+    assert s["wall_ms_per_step"] == pytest.approx(10.0)
+    assert [r["name"] for r in s["host_waits"]] == ["cudaStreamSynchronize"]
+    md = profile_run.markdown(s, "cmd")
+    assert "- GPU compute kernels: 2.50 ms/step (25% of the wall time); collective kernels 3.00 ms/step" in md
