@@ -1,5 +1,5 @@
-"""``torch_compile=True``: compiled training equals eager training for LoRA, IW-LoRA, ΔL2 and online calibration, and
-nothing of iwtrainer breaks the graph or recompiles it.
+"""``torch_compile=True``: compiled training equals eager training for LoRA, IW-LoRA, ΔL2, online calibration and
+stacked calibration (``iw_calib_group``), and nothing of iwtrainer breaks the graph or recompiles it.
 
 Backend: ``aot_eager`` by default (``IWTRAINER_COMPILE_BACKEND=inductor`` runs the same tests through inductor, which
 needs a C++ compiler on CPU and takes minutes). ``aot_eager`` is the whole capture the Trainer's compile does —
@@ -38,6 +38,7 @@ CASES = {
     "iw_lora": {"iw_alpha": 1e-2, "gradient_accumulation_steps": 2},  # the penalty after the last micro-batch
     "delta_l2": {"iw_alpha": 1e-2, "iw_normalize": "uniform"},
     "online": {"iw_alpha": 1e-2, "iw_calibration": "online"},  # steps 1-2 measure (eager), 3-4 compiled
+    "calib_group": {"iw_alpha": 1e-2, "iw_calib_group": 2},  # the compiled recipe's config: both batches in one pass
 }
 
 
@@ -87,6 +88,8 @@ def test_compiled_training_equals_eager_and_compiles_once(tmp_path, case):
         torch.testing.assert_close(compiled_state[name], state[name], rtol=0, atol=WEIGHT_ATOL, msg=name)
     if CASES[case]["iw_alpha"] > 0:  # the same importance record: measured eagerly in both runs
         assert compiled.iw_callback.record["modules"] == eager.iw_callback.record["modules"]
+        settings = compiled.iw_callback.record["settings"]
+        assert settings["iw_calib_group"] == CASES[case].get("iw_calib_group", 1)
     # One compile at the first compiled step and nothing after it: no graph break, no recompile (IW's penalty
     # gradient, loss terms and logs run outside the graph; online calibration's hooked steps run eagerly).
     assert stats == {"frames": 1, "graphs": 1, "graph_breaks": 0}
