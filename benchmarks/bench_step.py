@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from scipy.stats import spearmanr
+from scipy.stats import binom, spearmanr
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DebertaV2Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -266,14 +266,13 @@ def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
     """Distribution-free confidence interval of the median: the order statistics x_(j), x_(n+1-j) with the largest
     j such that P(j <= Binomial(n, 1/2) <= n - j) >= ``level`` (each value falls below the true median with
     probability 1/2, whatever the distribution). For n = 50 at 95 % that is the 18th and 33rd smallest."""
-    from scipy.stats import binom
-
     xs = sorted(values)
     n = len(xs)
     j = 0  # 1-based rank of the lower end; 0: too few values for this level
-    for cand in range(1, n // 2 + 1):
-        if binom.cdf(n - cand, n, 0.5) - binom.cdf(cand - 1, n, 0.5) >= level:
-            j = cand
+    for cand in range(1, n // 2 + 1):  # the coverage falls as cand grows: stop at the first that misses the level
+        if binom.cdf(n - cand, n, 0.5) - binom.cdf(cand - 1, n, 0.5) < level:
+            break
+        j = cand
     if j == 0:
         return (xs[0], xs[-1]) if xs else (math.nan, math.nan)
     return xs[j - 1], xs[n - j]

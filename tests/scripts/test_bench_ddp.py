@@ -538,18 +538,24 @@ def test_one_repeat_keeps_the_pairs_as_before(tmp_path, monkeypatch):
     assert pair["one"]["steady_samples_per_s"] == 200.0
 
 
+def compiled_lora_variants(tmp_path, monkeypatch, rates: dict, variants: str):
+    """bench_ddp's main for LoRA under ``reduce-overhead`` with ``--variants variants``, runs faked by
+    ``fake_launch(rates)``: the report, the launch order and the output prefix."""
+    launch, order = fake_launch(rates)
+    monkeypatch.setattr(bench_ddp, "launch", launch)
+    prefix = tmp_path / "ddp"
+    argv = ["--model", "m", "--glue_dir", "g", "--cpu", "--pairs", "fp32:4:4:per_device", "--methods", "lora",
+            "--torch_compile", "reduce-overhead", "--variants", variants, "--runs_dir", str(tmp_path),
+            "--out", str(prefix)]  # fmt: skip
+    return bench_ddp.main(argv), order, prefix
+
+
 def test_plain_and_nosync_side_by_side_in_one_report(tmp_path, monkeypatch):
     """--variants plain,nosync: every run twice, the nosync runs named and labelled as such, the recipe stated in the
     header and recorded in the JSON, and a table of nosync ÷ plain for 1 and 2 processes."""
     rates = {("lora", 1): [800.0], ("lora", 2): [1200.0], ("lora", "nosync", 1): [1000.0],
              ("lora", "nosync", 2): [1800.0]}  # fmt: skip
-    launch, order = fake_launch(rates)
-    monkeypatch.setattr(bench_ddp, "launch", launch)
-    prefix = tmp_path / "ddp"
-    argv = ["--model", "m", "--glue_dir", "g", "--cpu", "--pairs", "fp32:4:4:per_device", "--methods", "lora",
-            "--torch_compile", "reduce-overhead", "--variants", "plain,nosync", "--runs_dir", str(tmp_path),
-            "--out", str(prefix)]  # fmt: skip
-    report = bench_ddp.main(argv)
+    report, order, prefix = compiled_lora_variants(tmp_path, monkeypatch, rates, "plain,nosync")
     assert order == [("lora", 1, 0), ("lora", 2, 0), ("lora", "nosync", 1), ("lora", "nosync", 2)]
     assert report["variants"] == ["plain", "nosync"]
     assert report["sync_free_flags"] == list(bench_ddp.SYNC_FREE_FLAGS)
@@ -603,13 +609,7 @@ def test_ddp_variants_side_by_side_against_the_first_listed(tmp_path, monkeypatc
     the header and recorded in the JSON, and lean and onegraph compared with nosync."""
     rates = {("lora", v, n): [r] for (v, n), r in {("nosync", 1): 1000.0, ("nosync", 2): 1600.0, ("lean", 1): 1000.0,
              ("lean", 2): 1700.0, ("onegraph", 1): 1100.0, ("onegraph", 2): 2000.0}.items()}  # fmt: skip
-    launch, order = fake_launch(rates)
-    monkeypatch.setattr(bench_ddp, "launch", launch)
-    prefix = tmp_path / "ddp"
-    argv = ["--model", "m", "--glue_dir", "g", "--cpu", "--pairs", "fp32:4:4:per_device", "--methods", "lora",
-            "--torch_compile", "reduce-overhead", "--variants", "nosync,lean,onegraph", "--runs_dir", str(tmp_path),
-            "--out", str(prefix)]  # fmt: skip
-    report = bench_ddp.main(argv)
+    report, order, prefix = compiled_lora_variants(tmp_path, monkeypatch, rates, "nosync,lean,onegraph")
     assert [v for _, v, _ in order] == ["nosync", "nosync", "lean", "lean", "onegraph", "onegraph"]
     lean = [*bench_ddp.SYNC_FREE_FLAGS, *bench_ddp.LEAN_DDP_FLAGS]
     assert report["variant_flags"] == {"nosync": list(bench_ddp.SYNC_FREE_FLAGS), "lean": lean, "onegraph": lean}
