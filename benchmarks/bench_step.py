@@ -88,6 +88,7 @@ COMPILE_METHODS = {  # α, normalize
     "iw_lora": (1e-4, "sum"),
     "delta_l2": (1e-4, "uniform"),
     "iw_lora_fused": (1e-4, "sum"),  # IW-LoRA with its penalty math compiled (fuse_penalty): an experiment
+    "iw_lora_matmul": (1e-4, "sum"),  # IW-LoRA with its penalty graph's products as batched matmuls (graph_blas)
 }
 
 
@@ -517,6 +518,19 @@ def fuse_penalty(trainer: IWTrainer, backend: str) -> None:
     trainer._penalty = penalty
 
 
+def matmul_penalty(trainer: IWTrainer) -> None:
+    """``trainer``'s penalty graph with batched matmuls (``IWPenalty.graph_blas``; cuBLAS on the capture stream), the
+    form small ranks used before the broadcast one: the two side by side in one run."""
+    original = trainer._penalty
+
+    def penalty(model: torch.nn.Module):
+        pen = original(model)
+        pen.graph_blas = True
+        return pen
+
+    trainer._penalty = penalty
+
+
 def build_compiled(base: torch.nn.Module, batches: list[dict], args: argparse.Namespace) -> dict[str, Callable]:
     """``method@mode`` -> its step, for LoRA, IW-LoRA and ΔL2 in every ``--compile`` mode; each its own model (the
     same LoRA initialisation everywhere), trainer and optimizer, compiled as the Trainer compiles (``torch.compile``
@@ -526,7 +540,7 @@ def build_compiled(base: torch.nn.Module, batches: list[dict], args: argparse.Na
         "iw_lora": importance_record(sens, "sum", 1.0),
         "delta_l2": importance_record(dict.fromkeys(sens), "uniform", 1.0),  # every coefficient 1, nothing measured
     }
-    records["iw_lora_fused"] = records["iw_lora"]
+    records["iw_lora_fused"] = records["iw_lora_matmul"] = records["iw_lora"]
     steps = {}
     for method in args.compile_methods:
         alpha, normalize = COMPILE_METHODS[method]
@@ -538,6 +552,8 @@ def build_compiled(base: torch.nn.Module, batches: list[dict], args: argparse.Na
                 trainer.iw_callback.record = records[method]
             if method == "iw_lora_fused":
                 fuse_penalty(trainer, args.compile_backend)
+            if method == "iw_lora_matmul":
+                matmul_penalty(trainer)
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
             runner = model if mode == "none" else torch.compile(model, **_compile_kwargs(mode, args.compile_backend))
             steps[f"{method}@{mode}"] = make_step(method, trainer, model, opt, runner)

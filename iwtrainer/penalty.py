@@ -9,6 +9,13 @@
 Speed: matrices of equal shape are stacked and handled by one batched matmul per group, so the cost is a
 handful of kernels however many targets there are (a python loop over 72 modules costs +20–36 % step time).
 
+Memory: on CUDA the gradient is one CUDA graph captured on a side stream, and cuBLAS keeps a workspace for every
+stream it runs on (32 MiB on Hopper) for the life of the process: six times the graph's outputs on mpnet-base, and
+1.25 % of a 4-bit mpnet-base step (benchmarks/results/qlora.md). For small ranks the graph therefore forms the four
+r×r products as broadcast multiply-and-sum (``Σ_d a_id a_jd`` and alike: no cuBLAS call, so the stream gets no
+workspace); its intermediates are freed inside the capture, so they stay in the graph's pool (reserved, not
+allocated). Above :data:`BLAS_FREE_MAX_BYTES` per product the graph uses batched matmuls as before.
+
 FSDP2 (``fully_shard``): each factor is a ``DTensor`` sharded across ranks. ``add_grad_`` then gathers the full
 factors (LoRA factors are small), computes the same closed-form gradient on every rank and adds each rank's own shard
 of it to the sharded ``.grad``, after FSDP has reduced (averaged) the task gradients.
@@ -36,6 +43,11 @@ def _is_dtensor(x: torch.Tensor) -> bool:
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+# The largest broadcast product (n·r²·max(d_in, d_out) values of the math dtype) the CUDA graph forms instead of a
+# batched matmul: 16 MiB keeps the graph's pool under the 32 MiB cuBLAS workspace it saves (mpnet-base, r = 8: 9 MiB).
+BLAS_FREE_MAX_BYTES = 16 * 2**20
 
 
 class IWPenalty:
@@ -81,6 +93,10 @@ class IWPenalty:
             )
         # Every factor in the order of _flat_views: each group's A's, then its B's.
         self._params = [p for a_list, b_list, _ in self._groups for p in (*a_list, *b_list)]
+        # The CUDA graph's products without cuBLAS when every one of them is small (see the module docstring).
+        self.graph_blas = form == "delta" and max(_product_bytes(*group) for group in self._groups) > (
+            BLAS_FREE_MAX_BYTES
+        )
 
     def __call__(self) -> torch.Tensor:
         if self.sharded:
@@ -109,10 +125,11 @@ class IWPenalty:
         return _is_dtensor(self._groups[0][0][0])
 
     def _grad_math(
-        self, scale: float | torch.Tensor, groups: list | None = None
+        self, scale: float | torch.Tensor, groups: list | None = None, blas: bool = True
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """``P`` and, per shape group, the stacked ``scale·∂P/∂A`` and ``scale·∂P/∂B`` (no side effects); ``groups``
-        replaces the factors by other tensors of the same shapes (the gathered ones under FSDP2).
+        replaces the factors by other tensors of the same shapes (the gathered ones under FSDP2); ``blas=False``
+        forms the products by broadcasting instead of batched matmuls (no cuBLAS call).
 
         Closed form of ``c‖BA‖_F²``: ``∂/∂A = 2c (BᵀB) A``, ``∂/∂B = 2c B (AAᵀ)``; for ``factors``: ``2cA``, ``2cB``.
         """
@@ -120,11 +137,18 @@ class IWPenalty:
         for index, (a_list, b_list, weight) in enumerate(groups if groups is not None else self._groups):
             a, b = _at_least_fp32(torch.stack(a_list)), _at_least_fp32(torch.stack(b_list))
             w2 = self._doubled_weight(index, weight, scale)  # 2·scale·c_k·s_k², shaped (n, 1, 1)
-            if self.form == "delta":
+            if self.form == "delta" and blas:
                 gram_a, gram_b = a @ a.mT, b.mT @ b
                 gbw = gram_b * w2
                 d_a, d_b = gbw @ a, b @ (gram_a * w2)
                 term = (gram_a * gbw).sum()  # 2·scale·Σ c s² ‖BA‖²
+            elif self.form == "delta":  # the same four products, each a broadcast (n, ·, r, r) product and a sum
+                gram_a = (a.unsqueeze(2) * a.unsqueeze(1)).sum(-1)  # (n, r, r, d_in) → A Aᵀ
+                gram_b = (b.unsqueeze(3) * b.unsqueeze(2)).sum(1)  # (n, d_out, r, r) → Bᵀ B
+                gbw = gram_b * w2
+                d_a = (gbw.unsqueeze(-1) * a.unsqueeze(1)).sum(2)  # (n, r, r, d_in) → (BᵀB) A
+                d_b = (b.unsqueeze(-1) * (gram_a * w2).unsqueeze(1)).sum(2)  # (n, d_out, r, r) → B (AAᵀ)
+                term = (gram_a * gbw).sum()
             else:
                 d_a, d_b = a * w2, b * w2
                 term = (d_a * a).sum() + (d_b * b).sum()
@@ -176,12 +200,12 @@ class IWPenalty:
             stream = _capture_stream(self._groups[0][2].device)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up outside capture (cuBLAS workspaces, allocator)
-                    self._grad_math(scale)
+                for _ in range(2):  # warm-up outside capture (allocator; cuBLAS's workspace if graph_blas)
+                    self._grad_math(scale, blas=self.graph_blas)
             torch.cuda.current_stream().wait_stream(stream)
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph, stream=stream):
-                value, grads = self._grad_math(scale)
+                value, grads = self._grad_math(scale, blas=self.graph_blas)
             self._graph_out = (value, _flat_views(grads))
             self._graph_key = (scale, ptrs)
         first, first_out = self._params[0], self._graph_out[1][0]
@@ -200,14 +224,21 @@ class IWPenalty:
         return self._w2_cache[key]
 
 
+def _product_bytes(a_list: list[torch.Tensor], b_list: list[torch.Tensor], weight: torch.Tensor) -> int:
+    """Bytes of the largest broadcast product ``_grad_math(blas=False)`` forms for one shape group."""
+    (r, d_in), (d_out, _) = a_list[0].shape, b_list[0].shape
+    return len(a_list) * r * r * max(d_in, d_out) * weight.element_size()
+
+
 _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     """The one side stream of ``device`` on which every penalty graph is warmed up and captured.
 
-    cuBLAS keeps a workspace for each stream it runs on (32 MiB on Hopper) for the life of the process. Warming up on a
-    new stream and capturing on torch's default capture stream used two: after its first penalty an IW step held
+    cuBLAS keeps a workspace for each stream it runs on (32 MiB on Hopper) for the life of the process, so a graph
+    with matmuls (``IWPenalty.graph_blas``) should use one stream only. Warming up on a new stream and capturing on
+    torch's default capture stream used two: after its first penalty an IW step held
     69 MiB more than LoRA's on an H200 (benchmarks/results/qlora.md, stage table): the size of two workspaces and
     the graph's 5 MiB of outputs (check_penalty_graph.py measures what one shared stream keeps).
     """

@@ -133,3 +133,63 @@ def test_gradient_lands_on_each_factor_with_some_grads_missing():
     IWPenalty(targets, coefs).add_grad_()
     for i, (p, w) in enumerate(zip(params, want)):
         torch.testing.assert_close(p.grad, w + (i if i % 3 == 0 else 0), rtol=1e-10, atol=1e-14)
+
+
+def _math_ops(fn) -> set[str]:
+    """The aten ops ``fn()`` dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: set[str] = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_blas_free_products_equal_matmuls_and_call_no_matmul(kind):
+    """The CUDA graph's broadcast form (``blas=False``) gives the closed form's value and gradients — checked against
+    autograd on the explicitly materialised s·B@A — and dispatches no matmul (so cuBLAS never runs on its stream)."""
+    model = tiny_lora(kind, init_lora_weights=False).double()
+    targets = find_lora_targets(model)
+    coefs = {t.name: 0.1 * (i + 1) for i, t in enumerate(targets)}
+    params = [p for t in targets for p in (t.lora_A, t.lora_B)]
+    penalty = IWPenalty(targets, coefs)
+    assert not penalty.graph_blas  # tiny shapes: the graph would take the broadcast form
+    want = torch.autograd.grad(2.5 * explicit_penalty(targets, coefs), params)
+    with torch.no_grad():
+        value, grads = penalty._grad_math(2.5, blas=False)
+        ops = _math_ops(lambda: penalty._grad_math(2.5, blas=False))
+    assert value.item() == pytest.approx(explicit_penalty(targets, coefs).item(), rel=1e-12)
+    flat = [g for d_a, d_b in grads for g in (*d_a.unbind(0), *d_b.unbind(0))]
+    got = dict(zip(map(id, penalty._params), flat))
+    for p, w in zip(params, want):
+        torch.testing.assert_close(got[id(p)], w, rtol=1e-10, atol=1e-14)
+    assert not ops & {"mm", "bmm", "matmul", "addmm", "baddbmm", "einsum"}, ops
+    with torch.no_grad():  # the matmul form does call them: the check above can fail
+        assert "bmm" in _math_ops(lambda: penalty._grad_math(2.5, blas=True))
+
+
+def test_graph_takes_matmuls_above_the_product_limit(monkeypatch):
+    """``graph_blas``: the broadcast product of the largest shape group, n·r²·max(d_in, d_out) values, against
+    ``BLAS_FREE_MAX_BYTES``; the source's ``factors`` form has no products at all."""
+    import iwtrainer.penalty as penalty_module
+
+    model = tiny_lora("gpt2", init_lora_weights=False)
+    targets = find_lora_targets(model)
+    coefs = dict.fromkeys((t.name for t in targets), 1.0)
+    groups: dict[tuple, int] = {}
+    for t in targets:
+        key = (tuple(t.lora_A.shape), tuple(t.lora_B.shape))
+        groups[key] = groups.get(key, 0) + 1
+    largest = max(n * a[0] * a[0] * max(a[1], b[0]) * 4 for (a, b), n in groups.items())  # fp32 math
+    monkeypatch.setattr(penalty_module, "BLAS_FREE_MAX_BYTES", largest)
+    assert not IWPenalty(targets, coefs).graph_blas
+    monkeypatch.setattr(penalty_module, "BLAS_FREE_MAX_BYTES", largest - 1)
+    assert IWPenalty(targets, coefs).graph_blas
+    assert not IWPenalty(targets, coefs, "factors").graph_blas

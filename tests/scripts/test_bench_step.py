@@ -68,7 +68,25 @@ def test_compile_methods_needs_lora_and_known_methods(methods, capsys):
         bench_step.main(["--compile_only", "--compile", "none", "--compile_methods", methods])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "--compile_methods takes methods of ['lora', 'iw_lora', 'delta_l2', 'iw_lora_fused'] including lora" in err
+    known = "['lora', 'iw_lora', 'delta_l2', 'iw_lora_fused', 'iw_lora_matmul']"
+    assert f"--compile_methods takes methods of {known} including lora" in err
+
+
+def test_matmul_penalty_forces_the_graphs_matmul_form():
+    """matmul_penalty (iw_lora_matmul): the trainer's penalty, same coefficients, with ``graph_blas`` on — the
+    graph's form before the broadcast one, for side-by-side timing; these shapes' default is the broadcast form."""
+    from tiny import tiny_lora
+
+    from iwtrainer import find_lora_targets
+    from iwtrainer.importance import importance_record
+
+    model = tiny_lora("bert", init_lora_weights=False)
+    trainer = bench_step._trainer(model, 1e-4, "/tmp/iw_bench_matmul")
+    names = [t.name for t in find_lora_targets(model)]
+    trainer.iw_callback.record = importance_record({n: float(i + 1) for i, n in enumerate(names)}, "sum", 1.0)
+    assert not trainer._penalty(model).graph_blas
+    bench_step.matmul_penalty(trainer)
+    assert trainer._penalty(model).graph_blas
 
 
 def test_fused_penalty_is_the_same_math_compiled():
