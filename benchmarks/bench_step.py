@@ -682,16 +682,6 @@ def compiled_markdown(r: dict) -> list[str]:
 
         lines += _method_rows(penalised, modes, ratio)
     compiled = [m for m in modes if m != "none"]
-    lines += [
-        "",
-        "Compile time (the warm-up over every shape, 3 steps each, minus those steps at the steady speed); frames / "
-        "graphs compiled / graph breaks. A method with 0 frames reused the graphs an earlier method compiled in this "
-        "process (the same model code: dynamo's guards pass); a training run compiles once per process, so its "
-        "compile cost is the mode's first row.",
-        "",
-        "| method | " + " | ".join(compiled) + " |",
-        "|---|" + "---:|" * len(compiled),
-    ]
 
     def compile_cost(e: dict) -> str:
         return (
@@ -700,7 +690,18 @@ def compiled_markdown(r: dict) -> list[str]:
             else f"{e['compile_s']:.1f} s, {e['frames']} / {e['graphs']} / {e['graph_breaks']}"
         )
 
-    lines += _method_rows(r["methods"], compiled, compile_cost)
+    if compiled:  # an eager-only run (--compile none) has no compile time to report
+        lines += [
+            "",
+            "Compile time (the warm-up over every shape, 3 steps each, minus those steps at the steady speed); "
+            "frames / graphs compiled / graph breaks. A method with 0 frames reused the graphs an earlier method "
+            "compiled in this process (the same model code: dynamo's guards pass); a training run compiles once per "
+            "process, so its compile cost is the mode's first row.",
+            "",
+            "| method | " + " | ".join(compiled) + " |",
+            "|---|" + "---:|" * len(compiled),
+            *_method_rows(r["methods"], compiled, compile_cost),
+        ]
     d = r["dynamo_while_timing"]
     lines += [
         "",

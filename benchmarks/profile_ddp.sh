@@ -5,8 +5,9 @@
 #   bash benchmarks/profile_ddp.sh MODEL GLUE_DIR OUT [METHOD=lora] [STEPS=130]
 # Each run: 130 optimizer steps, steps 100-109 profiled on every rank (benchmarks/profile_run.py) ->
 # OUT/profile_<method>_n<procs>_<plain|nosync>/rank<R>.{json,md}. Four runs; the first compiles (~120 s), the rest
-# find most graphs in inductor's cache. PROCS="2" runs the 2-process pair alone. A device call brings back at most 8
-# files: pack OUT into one archive (tar czf) when every run's rank files are wanted.
+# find most graphs in inductor's cache. PROCS="2" runs the 2-process pair alone, VARIANTS="nosync" the sync-free runs
+# alone. A device call brings back at most 8 files: pack OUT into one archive (tar czf) when every run's rank files
+# are wanted.
 set -o pipefail
 MODEL=$1 GLUE=$2 OUT=$3 METHOD=${4:-lora} STEPS=${5:-130}
 [ -n "$OUT" ] || { echo "usage: bash benchmarks/profile_ddp.sh MODEL GLUE_DIR OUT [lora|iw] [STEPS]"; exit 2; }
@@ -24,7 +25,7 @@ NOSYNC=(--logging_nan_inf_filter false --accelerator_config '{"non_blocking": tr
 export OMP_NUM_THREADS=4
 PY=${PY:-python3}  # PY=echo prints the four commands
 for procs in ${PROCS:-1 2}; do
-  for variant in plain nosync; do
+  for variant in ${VARIANTS:-plain nosync}; do
     extra=(); [ $variant = nosync ] && extra=("${NOSYNC[@]}")
     name=profile_${METHOD}_n${procs}_${variant}
     multi=(); [ $procs = 2 ] && multi=(--multi_gpu)

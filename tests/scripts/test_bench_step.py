@@ -162,3 +162,20 @@ def test_paired_ratio_reports_every_ratio_and_the_median_interval():
     ranked = sorted(out["ratios"])
     assert (lo, hi) == (ranked[2], ranked[9]) and lo <= out["ratio_median"] <= hi  # n = 12: 3rd and 10th smallest
     assert 1.2 < out["ratio_median"] < 1.8
+
+
+def test_eager_only_report_has_no_compile_time_table():
+    """``--compile none`` (eager pairs alone): the paired table, and no compile-time table with empty columns."""
+    entry = {"ms_per_step": 66.7, "ratio_vs_eager": 1.0, "warmup_s": 0.4, "frames": 0, "graphs": 0, "graph_breaks": 0}
+    paired = {"ratio_median": 0.983, "ratio_q1": 0.923, "ratio_q3": 1.046, "ratio_ci95": [0.956, 1.012],
+              "pairs": 100, "block": 10}  # fmt: skip
+    r = {"model": "m", "backend": "inductor", "modes": ["none"], "batch": 32, "shapes": [[32, 64]],
+         "dynamo_while_timing": {"frames": 0, "graphs": 0, "graph_breaks": 0},
+         "methods": {"lora": {"none": entry}, "iw_lora": {"none": {**entry, "paired_vs_lora": paired}}}}  # fmt: skip
+    text = "\n".join(bench_step.compiled_markdown(r))
+    assert "| iw_lora | 0.983 (0.923–1.046; 95 % CI 0.956–1.012) |" in text
+    assert "Compile time" not in text and "| method |  |" not in text
+    r["modes"] = ["none", "default"]
+    r["methods"]["lora"]["default"] = {**entry, "compile_s": 40.0}
+    r["methods"]["iw_lora"]["default"] = {**entry, "compile_s": 0.5}
+    assert "| lora | 40.0 s, 0 / 0 / 0 |" in "\n".join(bench_step.compiled_markdown(r))

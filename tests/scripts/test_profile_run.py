@@ -52,16 +52,17 @@ def test_bad_flags_give_one_line(argv, expected, capsys):
 
 def test_profile_ddp_gives_each_run_exactly_its_gpus(tmp_path):
     """benchmarks/profile_ddp.sh: a 1-process run must see one GPU (seeing two, the Trainer would wrap the model in
-    nn.DataParallel over both), a 2-process run two; PROCS selects the process counts. A stand-in for python prints
-    what each launch would get."""
+    nn.DataParallel over both), a 2-process run two; PROCS selects the process counts, VARIANTS the variants. A
+    stand-in for python prints what each launch would get."""
     import subprocess
 
     fake = tmp_path / "py"
     fake.write_text('#!/bin/sh\necho "visible=$CUDA_VISIBLE_DEVICES procs=$4"\n')
     fake.chmod(0o755)
 
-    def launches(procs: str | None) -> list[str]:
+    def launches(procs: str | None, variants: str | None = None) -> list[str]:
         env = {"PATH": "/usr/bin:/bin", "PY": str(fake)} | ({"PROCS": procs} if procs else {})
+        env |= {"VARIANTS": variants} if variants else {}
         cmd = ["bash", str(ROOT / "benchmarks" / "profile_ddp.sh"), "M", "G", str(tmp_path / "out"), "lora"]
         (tmp_path / "out").mkdir(exist_ok=True)
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
@@ -69,6 +70,7 @@ def test_profile_ddp_gives_each_run_exactly_its_gpus(tmp_path):
 
     assert launches(None) == ["visible=0 procs=1"] * 2 + ["visible=0,1 procs=2"] * 2  # plain, nosync each
     assert launches("2") == ["visible=0,1 procs=2"] * 2
+    assert launches("1", "nosync") == ["visible=0 procs=1"]
 
 
 def test_gpu_busy_counts_each_kernel_once_and_collectives_apart():
