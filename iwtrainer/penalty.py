@@ -167,7 +167,7 @@ class IWPenalty:
         """
         if self.sharded:
             return self._add_grad_sharded(scale)
-        if self.cuda_graph and not torch.is_tensor(scale) and self._groups[0][2].device.type == "cuda":
+        if self._graphed(scale):
             value, flat = self._replay(float(scale))
         else:
             value, grads = self._grad_math(scale)
@@ -175,6 +175,10 @@ class IWPenalty:
         # One foreach over every factor, not two per shape group: in a compiled step of ~10 ms the launches count.
         _accumulate_grads(self._params, flat)
         return value
+
+    def _graphed(self, scale: float | torch.Tensor) -> bool:
+        """Whether ``add_grad_`` replays the CUDA graph: on CUDA, with a constant ``scale`` (not fp16's loss scale)."""
+        return self.cuda_graph and not torch.is_tensor(scale) and self._groups[0][2].device.type == "cuda"
 
     def _add_grad_sharded(self, scale: float | torch.Tensor) -> torch.Tensor:
         """FSDP2: gather every factor (two all-gathers per target), compute the full ``scale·∇P`` on every rank (the
