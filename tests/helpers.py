@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import pytest
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from iwtrainer.glue.tasks import get_glue_task
 from iwtrainer.glue.tsv import SAMPLE_DIR
@@ -195,3 +196,18 @@ def assert_one_line(exc: pytest.ExceptionInfo[Exception], *fragments: str) -> st
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
     return message
+
+
+class DispatchedOps(TorchDispatchMode):
+    """The aten ops dispatched while this mode is on, by name in order (``names``: ``"add_"``, ``"detach"``…). With
+    ``probe`` (a dict), only while ``probe["on"]`` is true: a Trainer callback switches it for chosen steps."""
+
+    def __init__(self, probe: dict | None = None) -> None:
+        super().__init__()
+        self.names: list[str] = []
+        self.probe = probe
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.probe is None or self.probe["on"]:
+            self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import DispatchedOps
 from safetensors.torch import load_file
 from tiny import RandomClassification, tiny_args, tiny_lora
 
@@ -105,17 +106,6 @@ def test_a_steps_check_is_a_handful_of_kernels_for_all_its_terms():
     """The cost that matters in a 10 ms compiled step is kernel launches: a step with the IW trainer's terms (task
     loss, IW penalty, gradient) dispatches a fixed handful of ops at its end, none while the terms are tracked (it
     was ~7 per term)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     guard = DivergenceGuard()
     guard.reset(0)
     values = [torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0)]
@@ -123,13 +113,13 @@ def test_a_steps_check_is_a_handful_of_kernels_for_all_its_terms():
         for term, v in zip(("task loss", "IW penalty", "gradient"), values):
             guard.track(term, v)
         guard.step_done()
-    with Count() as tracking:
+    with DispatchedOps() as tracking:
         for term, v in zip(("task loss", "IW penalty", "gradient"), values):
             guard.track(term, v)
-    with Count() as ending:
+    with DispatchedOps() as ending:
         guard.step_done()
-    assert [op for op in tracking.ops if "detach" not in op] == []  # detach: a view, no kernel
-    assert len(ending.ops) <= 7, ending.ops  # stack, sub, ne, lt, and, where and the step counter's add_
+    assert [op for op in tracking.names if op != "detach"] == []  # detach: a view, no kernel
+    assert len(ending.names) <= 7, ending.names  # stack, sub, ne, lt, and, where and the step counter's add_
     guard.check()  # all finite
 
 

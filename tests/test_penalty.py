@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import DispatchedOps
 from tiny import tiny_lora
 
 from iwtrainer import IWPenalty, find_lora_targets, importance_weights, iw_penalty, penalty_coefficients
@@ -137,18 +138,9 @@ def test_gradient_lands_on_each_factor_with_some_grads_missing():
 
 def _math_ops(fn) -> set[str]:
     """The aten ops ``fn()`` dispatches."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    seen: set[str] = set()
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.add(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    with Record():
+    with DispatchedOps() as ops:
         fn()
-    return seen
+    return set(ops.names)
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])

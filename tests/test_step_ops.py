@@ -13,25 +13,14 @@ from __future__ import annotations
 
 from collections import Counter
 
+from helpers import DispatchedOps
 from tiny import RandomClassification, tiny_args, tiny_lora
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainerCallback
 
 from iwtrainer import IWTrainer, IWTrainingArguments
 from iwtrainer.penalty import IWPenalty, _flat_views
 
 STEPS = range(3, 8)  # after calibration, before any logging step
-
-
-class _Count(TorchDispatchMode):
-    def __init__(self, probe: dict, counts: Counter):
-        super().__init__()
-        self.probe, self.counts = probe, counts
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.probe["on"]:
-            self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 class _Probe(TrainerCallback):
@@ -56,14 +45,14 @@ def _ops_per_step(tmp_path, monkeypatch, alpha: float) -> Counter:
 
     monkeypatch.setattr(IWPenalty, "_graphed", lambda self, scale: True)
     monkeypatch.setattr(IWPenalty, "_replay", replay)
-    probe, counts = {"on": False}, Counter()
+    probe = {"on": False}
     args = tiny_args(tmp_path, IWTrainingArguments, per_device_train_batch_size=8, max_steps=10, logging_steps=100,
                      iw_alpha=alpha, iw_calib_steps=2, logging_nan_inf_filter=False)  # fmt: skip
     trainer = IWTrainer(model=tiny_lora("bert"), args=args, train_dataset=RandomClassification(128),
                         callbacks=[_Probe(probe)])  # fmt: skip
-    with _Count(probe, counts):
+    with DispatchedOps(probe) as ops:
         trainer.train()
-    return Counter({op: n // len(STEPS) for op, n in counts.items()})
+    return Counter({op: n // len(STEPS) for op, n in Counter(ops.names).items()})
 
 
 def test_iw_step_adds_seven_ops_to_a_lora_step(tmp_path, monkeypatch):
