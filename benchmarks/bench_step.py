@@ -60,7 +60,7 @@ from scipy.stats import binom, spearmanr
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DebertaV2Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from iwtrainer import IWTrainer, IWTrainingArguments, compute_sensitivities, importance_record  # noqa: E402
+from iwtrainer import IWPenalty, IWTrainer, IWTrainingArguments, compute_sensitivities, importance_record  # noqa: E402
 
 SST2_TRAIN_ROWS = 67349  # GLUE SST-2 train size: a 3-epoch run at batch 32 is 3 × ceil(67349/32) steps
 
@@ -500,6 +500,18 @@ def _compile_kwargs(mode: str, backend: str) -> dict:
     return {"backend": backend, **({"mode": mode} if backend == "inductor" else {})}
 
 
+def _on_penalty(trainer: IWTrainer, change: Callable[[IWPenalty], None]) -> None:
+    """``change`` applied to every penalty ``trainer`` builds, as it hands it out (iwtrainer unchanged)."""
+    original = trainer._penalty
+
+    def penalty(model: torch.nn.Module):
+        pen = original(model)
+        change(pen)
+        return pen
+
+    trainer._penalty = penalty
+
+
 def fuse_penalty(trainer: IWTrainer, backend: str) -> None:
     """An experiment on ``trainer``'s penalty (iwtrainer unchanged): its closed-form math compiled by ``backend``.
 
@@ -507,28 +519,18 @@ def fuse_penalty(trainer: IWTrainer, backend: str) -> None:
     removes its ~50 launches, not the run time of its ~50 small kernels. Inductor fuses the elementwise ops (the
     batched matmuls stay), and the graph then captures the fused kernels: the penalty is warmed up (compiled) outside
     the capture, as ``IWPenalty._replay`` does for any ``_grad_math``. The numbers are the same math's."""
-    original = trainer._penalty
 
-    def penalty(model: torch.nn.Module):
-        pen = original(model)
+    def compile_math(pen: IWPenalty) -> None:
         if "_grad_math" not in vars(pen):  # once per penalty object (a new one after a layout change)
             pen._grad_math = torch.compile(pen._grad_math, backend=backend)
-        return pen
 
-    trainer._penalty = penalty
+    _on_penalty(trainer, compile_math)
 
 
 def matmul_penalty(trainer: IWTrainer) -> None:
     """``trainer``'s penalty graph with batched matmuls (``IWPenalty.graph_blas``; cuBLAS on the capture stream), the
     form small ranks used before the broadcast one: the two side by side in one run."""
-    original = trainer._penalty
-
-    def penalty(model: torch.nn.Module):
-        pen = original(model)
-        pen.graph_blas = True
-        return pen
-
-    trainer._penalty = penalty
+    _on_penalty(trainer, lambda pen: setattr(pen, "graph_blas", True))
 
 
 def build_compiled(base: torch.nn.Module, batches: list[dict], args: argparse.Namespace) -> dict[str, Callable]:

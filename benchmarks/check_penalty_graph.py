@@ -70,6 +70,11 @@ def factors(seed: int, device: str, rank: int = RANK) -> list[LoraTarget]:
             for layer in range(LAYERS) for i, (d_out, d_in) in enumerate(SHAPES)]  # fmt: skip
 
 
+def factor_params(targets: list[LoraTarget]) -> list[nn.Parameter]:
+    """Every target's A and B, in the order of the targets."""
+    return [q for t in targets for q in (t.lora_A, t.lora_B)]
+
+
 def grads_of(penalty: IWPenalty, params: list[nn.Parameter], graph: bool) -> list[torch.Tensor]:
     for p in params:
         p.grad = None
@@ -107,7 +112,7 @@ def compare_forms(device: str, rounds: int, replays: int) -> list[dict]:
     for blas in (False, True):  # broadcast first: a matmul capture leaves the stream's workspace behind
         for rank in (8, 16):
             targets = factors(2 + rank, device, rank)
-            params = [q for t in targets for q in (t.lora_A, t.lora_B)]
+            params = factor_params(targets)
             pen = IWPenalty(targets, {t.name: 1.0 for t in targets})
             default_form = "matmul" if pen.graph_blas else "broadcast"
             pen.graph_blas = blas
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     first = factors(0, args.device)
     coefs = {t.name: 0.5 + (i % 7) / 10 for i, t in enumerate(first)}
-    params = [q for t in first for q in (t.lora_A, t.lora_B)]
+    params = factor_params(first)
     grad_mib = sum(q.numel() * q.element_size() for q in params) / MIB
     pen = IWPenalty(first, coefs)
 
@@ -208,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     check(f"MiB kept after the first penalty ({form} form), beyond its 5 MiB of outputs", kept_first - grad_mib, 1.0)
 
     second = factors(1, args.device)
-    params2 = [q for t in second for q in (t.lora_A, t.lora_B)]
+    params2 = factor_params(second)
     pen2 = IWPenalty(second, coefs)
     eager2 = grads_of(pen2, params2, graph=False)
     gc.collect()
@@ -241,9 +246,9 @@ def main(argv: list[str] | None = None) -> dict:
         third, fourth = factors(3, args.device), factors(4, args.device)
         pen3, pen4 = IWPenalty(third, coefs), IWPenalty(fourth, coefs)
         pen3.graph_blas = pen4.graph_blas = True
-        params4 = [q for t in fourth for q in (t.lora_A, t.lora_B)]
+        params4 = factor_params(fourth)
         eager4 = grads_of(pen4, params4, graph=False)
-        grads_of(pen3, [q for t in third for q in (t.lora_A, t.lora_B)], graph=True)
+        grads_of(pen3, factor_params(third), graph=True)
         grads_of(pen4, params4, graph=True)
         del pen3
         check("matmul form: second graph after the first is destroyed, largest relative difference",
